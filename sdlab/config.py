@@ -1,0 +1,315 @@
+"""Typed, frozen configurations for every component, and the named presets.
+
+Numbers here are facts about the released models (see shared/REFERENCE-configs.md);
+nothing else in the package hard-codes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+Family = Literal["sd1", "sd2", "sdxl", "sdxl-refiner"]
+PredictionType = Literal["epsilon", "v_prediction"]
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL (ldm `ddconfig`): image (B, 3, H, W) <-> latent (B, 4, H/f, W/f)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # ch * ch_mult; f = 2 ** (levels - 1)
+    layers_per_block: int = 2  # res blocks per encoder level (decoder has one more)
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215  # latent = scaling_factor * (z - shift_factor)
+    shift_factor: float = 0.0
+    force_upcast: bool = True  # decode in fp32 when the pipeline runs in fp16
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Text-conditioned U-Net (ldm `UNetModel`).
+
+    Per-level tuples run from the highest resolution (level 0) down; the up path mirrors them.
+    """
+
+    in_channels: int = 4  # 9 for inpainting: latents(4) + mask(1) + masked-image latents(4)
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2  # res blocks per down level (up levels have one more)
+    attention: tuple[bool, ...] = (True, True, True, False)  # spatial transformer at this level?
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 1)  # transformer blocks per attention; mid uses the last
+    num_heads: tuple[int, ...] = (8, 8, 8, 8)  # heads per level; head dim = channels // heads
+    cross_attention_dim: int = 768  # width of the text context
+    use_linear_projection: bool = False  # SD2/SDXL: Linear proj_in/out instead of 1x1 conv
+    upcast_attention: bool = False  # attention softmax in fp32 (SD2.1-v)
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True  # timestep embedding is [cos, sin]
+    freq_shift: float = 0.0
+    # SDXL "text_time" added embedding: concat(pooled text, sinusoid(time_ids)) -> MLP -> + temb
+    addition_embed_dim: int | None = None  # projection_class_embeddings_input_dim (2816 base, 2560 refiner)
+    addition_time_embed_dim: int = 256  # sinusoid width per micro-conditioning number
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+    @property
+    def mid_transformer_depth(self) -> int:
+        return self.transformer_depth[-1]
+
+    def __post_init__(self) -> None:
+        levels = len(self.block_out_channels)
+        for name in ("attention", "transformer_depth", "num_heads"):
+            if len(getattr(self, name)) != levels:
+                raise ValueError(f"UNetConfig.{name} needs {levels} entries (one per level), got {getattr(self, name)}")
+
+
+Activation = Literal["quick_gelu", "gelu"]
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """CLIP text transformer (transformers `CLIPTextConfig` fields)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    max_positions: int = 77
+    activation: Activation = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None  # set: the model has `text_projection` (pooled -> projection_dim)
+    eos_token_id: int = 49407  # pooled output is taken at the first EOS (transformers' rule for eos_token_id=2 is argmax)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    max_length: int = 77
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 49407  # SD1/SDXL-L pad with EOS; OpenCLIP (SD2, SDXL-G) pads with 0 ("!")
+
+
+@dataclass(frozen=True)
+class TextConditioner:
+    """One text encoder, its tokenizer, and which hidden state the U-Net sees."""
+
+    encoder: TextEncoderConfig
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    hidden_layer: int = -1  # -1: last layer, -2: penultimate ("clip skip 2")
+    final_layer_norm: bool = True  # SD1/SD2 apply the final LayerNorm; SDXL does not
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The 1,000-step training noise schedule (diffusers `scheduler_config.json`)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
+    prediction_type: PredictionType = "epsilon"
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
+    steps_offset: int = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole latent diffusion model: networks, conditioning and schedule."""
+
+    name: str
+    family: Family
+    unet: UNetConfig
+    vae: VAEConfig
+    text: tuple[TextConditioner, ...]  # in the order their hidden states are concatenated
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    default_size: int = 512  # pixels; the resolution the model was trained at
+    force_zeros_for_empty_prompt: bool = False  # SDXL base: empty negative prompt -> zero embeddings
+    requires_aesthetics_score: bool = False  # SDXL refiner micro-conditioning
+
+    @property
+    def inpainting(self) -> bool:
+        return self.unet.in_channels == 9
+
+    @property
+    def prediction_type(self) -> PredictionType:
+        return self.schedule.prediction_type
+
+
+# --- text encoders -------------------------------------------------------------------------
+CLIP_L = TextEncoderConfig()  # OpenAI ViT-L/14
+OPENCLIP_H = TextEncoderConfig(  # ViT-H/14 as SD2 ships it: 23 of 24 layers, no projection used
+    hidden_size=1024, intermediate_size=4096, num_layers=23, num_heads=16, activation="gelu"
+)
+OPENCLIP_BIGG = TextEncoderConfig(
+    hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20, activation="gelu", projection_dim=1280
+)
+PAD_WITH_EOS = TokenizerConfig(pad_token_id=49407)
+PAD_WITH_ZERO = TokenizerConfig(pad_token_id=0)
+
+# --- networks ------------------------------------------------------------------------------
+SD1_UNET = UNetConfig()
+SD2_UNET = UNetConfig(num_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
+SDXL_UNET = UNetConfig(
+    block_out_channels=(320, 640, 1280),
+    attention=(False, True, True),
+    transformer_depth=(1, 2, 10),
+    num_heads=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_dim=2816,  # pooled 1280 + 6 time ids x 256
+)
+SDXL_REFINER_UNET = UNetConfig(
+    block_out_channels=(384, 768, 1536, 1536),
+    attention=(False, True, True, False),
+    transformer_depth=(4, 4, 4, 4),
+    num_heads=(6, 12, 24, 24),
+    cross_attention_dim=1280,
+    use_linear_projection=True,
+    addition_embed_dim=2560,  # pooled 1280 + 5 time ids x 256
+)
+SD_VAE = VAEConfig()
+SDXL_VAE = VAEConfig(scaling_factor=0.13025)
+
+_SD1_TEXT = (TextConditioner(CLIP_L, PAD_WITH_EOS),)
+_SD2_TEXT = (TextConditioner(OPENCLIP_H, PAD_WITH_ZERO),)
+_SDXL_TEXT = (
+    TextConditioner(CLIP_L, PAD_WITH_EOS, hidden_layer=-2, final_layer_norm=False),
+    TextConditioner(OPENCLIP_BIGG, PAD_WITH_ZERO, hidden_layer=-2, final_layer_norm=False),
+)
+_SDXL_REFINER_TEXT = (TextConditioner(OPENCLIP_BIGG, PAD_WITH_ZERO, hidden_layer=-2, final_layer_norm=False),)
+
+
+def _inpainting(unet: UNetConfig) -> UNetConfig:
+    return replace(unet, in_channels=9)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    p.name: p
+    for p in (
+        ModelConfig("sd15", "sd1", SD1_UNET, SD_VAE, _SD1_TEXT),
+        ModelConfig("sd15-inpainting", "sd1", _inpainting(SD1_UNET), SD_VAE, _SD1_TEXT),
+        ModelConfig(
+            "sd21",
+            "sd2",
+            replace(SD2_UNET, upcast_attention=True),
+            SD_VAE,
+            _SD2_TEXT,
+            ScheduleConfig(prediction_type="v_prediction"),
+            default_size=768,
+        ),
+        ModelConfig("sd21-base", "sd2", SD2_UNET, SD_VAE, _SD2_TEXT),
+        ModelConfig("sd2-inpainting", "sd2", _inpainting(SD2_UNET), SD_VAE, _SD2_TEXT),
+        ModelConfig(
+            "sdxl", "sdxl", SDXL_UNET, SDXL_VAE, _SDXL_TEXT, default_size=1024, force_zeros_for_empty_prompt=True
+        ),
+        ModelConfig(
+            "sdxl-refiner",
+            "sdxl-refiner",
+            SDXL_REFINER_UNET,
+            SDXL_VAE,
+            _SDXL_REFINER_TEXT,
+            default_size=1024,
+            requires_aesthetics_score=True,
+        ),
+        ModelConfig(
+            "sdxl-inpainting",
+            "sdxl",
+            _inpainting(SDXL_UNET),
+            SDXL_VAE,
+            _SDXL_TEXT,
+            default_size=1024,
+            force_zeros_for_empty_prompt=True,
+        ),
+    )
+}
+
+
+# --- tiny random-weight models for tests and parity checks (same code paths, small widths) ---
+_TINY_L = TextEncoderConfig(hidden_size=32, intermediate_size=37, num_layers=4, num_heads=4)
+_TINY_H = replace(_TINY_L, activation="gelu")
+_TINY_G = replace(_TINY_L, activation="gelu", projection_dim=32)
+_TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1)
+_TINY_UNET = UNetConfig(
+    block_out_channels=(32, 64, 64),
+    attention=(True, True, False),
+    transformer_depth=(1, 1, 1),
+    num_heads=(2, 2, 2),
+    cross_attention_dim=32,
+)
+_TINY_XL_UNET = replace(
+    _TINY_UNET,
+    attention=(False, True, True),
+    transformer_depth=(1, 2, 2),
+    num_heads=(2, 4, 4),
+    cross_attention_dim=64,
+    use_linear_projection=True,
+    addition_embed_dim=32 + 6 * 8,
+    addition_time_embed_dim=8,
+)
+_TINY_REFINER_UNET = replace(
+    _TINY_XL_UNET,
+    block_out_channels=(32, 64, 64, 64),
+    attention=(False, True, True, False),
+    transformer_depth=(2, 2, 2, 2),
+    num_heads=(2, 4, 4, 4),
+    cross_attention_dim=32,
+    addition_embed_dim=32 + 5 * 8,
+)
+TINY_PRESETS: dict[str, ModelConfig] = {
+    p.name: p
+    for p in (
+        ModelConfig("tiny-sd1", "sd1", _TINY_UNET, _TINY_VAE, (TextConditioner(_TINY_L, PAD_WITH_EOS),), default_size=32),
+        ModelConfig(
+            "tiny-sd2",
+            "sd2",
+            replace(_TINY_UNET, num_heads=(2, 4, 4), use_linear_projection=True, upcast_attention=True),
+            _TINY_VAE,
+            (TextConditioner(_TINY_H, PAD_WITH_ZERO),),
+            ScheduleConfig(prediction_type="v_prediction"),
+            default_size=32,
+        ),
+        ModelConfig(
+            "tiny-sdxl",
+            "sdxl",
+            _TINY_XL_UNET,
+            replace(_TINY_VAE, scaling_factor=0.13025),
+            (
+                TextConditioner(_TINY_L, PAD_WITH_EOS, hidden_layer=-2, final_layer_norm=False),
+                TextConditioner(_TINY_G, PAD_WITH_ZERO, hidden_layer=-2, final_layer_norm=False),
+            ),
+            default_size=32,
+            force_zeros_for_empty_prompt=True,
+        ),
+        ModelConfig(
+            "tiny-sdxl-refiner",
+            "sdxl-refiner",
+            _TINY_REFINER_UNET,
+            replace(_TINY_VAE, scaling_factor=0.13025),
+            (TextConditioner(_TINY_G, PAD_WITH_ZERO, hidden_layer=-2, final_layer_norm=False),),
+            default_size=32,
+            requires_aesthetics_score=True,
+        ),
+        ModelConfig("tiny-sd1-inpainting", "sd1", _inpainting(_TINY_UNET), _TINY_VAE, (TextConditioner(_TINY_L, PAD_WITH_EOS),), default_size=32),
+    )
+}
+PRESETS.update(TINY_PRESETS)
+
+
+def preset(name: str) -> ModelConfig:
+    """The named preset; a clear error lists the known names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
