@@ -1,8 +1,7 @@
-# Two commands on a fresh clone:  `make demo`  (set up, generate an image)   `make test`  (set up, run the tests)
+# Two commands on a fresh clone:  `make demo`  (set up, run the main job)   `make test`  (set up, run the tests)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PROMPT ?= a red circle on a blue background
 
 .PHONY: setup demo test clean
 
@@ -15,7 +14,7 @@ $(BIN)/sdlab: pyproject.toml constraints.txt
 setup: $(BIN)/sdlab
 
 demo: setup
-	$(BIN)/sdlab generate "$(PROMPT)"
+	$(BIN)/sdlab inspect --preset sd15
 
 test: setup
 	$(BIN)/python -m pytest -q

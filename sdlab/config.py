@@ -6,11 +6,15 @@ nothing else in the package hard-codes them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Literal
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Literal, TypeVar, get_args, get_origin, get_type_hints
+
+from sdlab.errors import SdlabError
 
 Family = Literal["sd1", "sd2", "sdxl", "sdxl-refiner"]
 PredictionType = Literal["epsilon", "v_prediction"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -239,7 +243,8 @@ PRESETS: dict[str, ModelConfig] = {
 # --- tiny random-weight models for tests and parity checks (same code paths, small widths) ---
 _TINY_L = TextEncoderConfig(hidden_size=32, intermediate_size=37, num_layers=4, num_heads=4)
 _TINY_H = replace(_TINY_L, activation="gelu")
-_TINY_G = replace(_TINY_L, activation="gelu", projection_dim=32)
+# bigG is wider than CLIP-L, as at full size (readers such as diffusers tell the two apart by width)
+_TINY_G = replace(_TINY_L, hidden_size=48, activation="gelu", projection_dim=32)
 _TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1)
 _TINY_UNET = UNetConfig(
     block_out_channels=(32, 64, 64),
@@ -253,7 +258,7 @@ _TINY_XL_UNET = replace(
     attention=(False, True, True),
     transformer_depth=(1, 2, 2),
     num_heads=(2, 4, 4),
-    cross_attention_dim=64,
+    cross_attention_dim=32 + 48,  # CLIP-L penultimate ++ bigG penultimate
     use_linear_projection=True,
     addition_embed_dim=32 + 6 * 8,
     addition_time_embed_dim=8,
@@ -264,7 +269,7 @@ _TINY_REFINER_UNET = replace(
     attention=(False, True, True, False),
     transformer_depth=(2, 2, 2, 2),
     num_heads=(2, 4, 4, 4),
-    cross_attention_dim=32,
+    cross_attention_dim=48,
     addition_embed_dim=32 + 5 * 8,
 )
 TINY_PRESETS: dict[str, ModelConfig] = {
@@ -312,4 +317,29 @@ def preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+        raise SdlabError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+
+# --- (de)serialisation: configs travel inside checkpoints sdlab writes --------------------------
+def to_dict(cfg) -> dict:
+    """A JSON-ready dict of any config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Rebuild a config dataclass from `to_dict` output; unknown keys are an error."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if is_dataclass(kind):
+            value = from_dict(kind, value)
+        elif get_origin(kind) is tuple:
+            (item,) = {a for a in get_args(kind) if a is not Ellipsis}
+            value = tuple(from_dict(item, v) if is_dataclass(item) else v for v in value)
+        kwargs[name] = value
+    return cls(**kwargs)

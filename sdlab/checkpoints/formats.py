@@ -1,0 +1,168 @@
+"""Reading and writing weight files: safetensors, weights-only pickles, sharded indexes.
+
+Tensors are converted to the target dtype and device one at a time as they are read, so a
+load never holds a second full copy of the model in memory. Pickled `.ckpt`/`.bin` files go
+only through PyTorch's weights-only unpickler; anything that needs more is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from sdlab.errors import CheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+KeyFilter = Callable[[str], bool]
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """'fp16' / 'bf16' / 'fp32' (or a torch.dtype, or None = keep the file's) -> torch.dtype."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+def _convert(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | str) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype=dtype)
+    return t.to(device)
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _read_safetensors(path: Path, keep: KeyFilter, dtype, device) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: _convert(f.get_tensor(k), dtype, device) for k in f.keys() if keep(k)}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({_first_line(e)})") from None
+
+
+def _read_pickle(path: Path, keep: KeyFilter, dtype, device) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights-only unpickling; returns (tensors, other top-level entries such as global_step)."""
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (pre-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("\n")
+        culprit = next((line.strip() for line in detail if "GLOBAL" in line or "Unsupported" in line), "")
+        raise CheckpointError(
+            f"{path}: refused — this pickle needs more than tensors to load ({culprit or 'unsafe object'}); "
+            "sdlab reads .ckpt files only with PyTorch's weights-only unpickler. Convert it to .safetensors "
+            "with a tool you trust."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    state = obj.get("state_dict", obj)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(state).__name__}, not a dict of tensors")
+    tensors = {k: _convert(v, dtype, device) for k, v in state.items() if isinstance(v, torch.Tensor) and keep(k)}
+    extras = {k: v for k, v in obj.items() if k != "state_dict" and not isinstance(v, (torch.Tensor, Mapping))}
+    return tensors, extras
+
+
+def read_weights(
+    path: str | os.PathLike,
+    *,
+    keep: KeyFilter = lambda k: True,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors of one weights file whose key passes `keep`, plus its non-tensor entries
+    (safetensors metadata, or a pickle's `global_step` and the like)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path, keep, dtype, device), safetensors_metadata(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _read_pickle(path, keep, dtype, device)
+    raise CheckpointError(
+        f"{path}: unknown weights format {path.suffix!r}; expected one of "
+        f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}"
+    )
+
+
+def read_sharded(
+    index_path: Path, *, keep: KeyFilter = lambda k: True, dtype=None, device="cpu"
+) -> dict[str, torch.Tensor]:
+    """A `*.index.json` (`weight_map`: key -> shard file) read shard by shard."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{index_path}: unreadable shard index ({_first_line(e)})") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        part, _ = read_weights(index_path.parent / shard, keep=keep, dtype=dtype, device=device)
+        state.update(part)
+    missing = [k for k, shard in weight_map.items() if keep(k) and k not in state]
+    if missing:
+        raise CheckpointError(f"{index_path}: {len(missing)} indexed keys missing from their shards ({missing[0]}, …)")
+    return state
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write atomically: a temporary file beside the target, then one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def cast_all(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return {k: _convert(v, dtype, v.device) for k, v in tensors.items()}
+
+
+def with_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in tensors.items()}
+
+
+def strip_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def any_key(keys: Iterable[str], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in keys)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,81 @@
+"""Reference (diffusers / transformers) counterparts of sdlab models, for parity tests only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdlab.checkpoints.keymaps.clip import text_encoder_config_to_diffusers
+from sdlab.checkpoints.keymaps.unet import unet_config_to_diffusers
+from sdlab.checkpoints.keymaps.vae import vae_config_to_diffusers
+from sdlab.config import ModelConfig
+from sdlab.tokenizer import write_transformers_files
+
+
+def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """Add seeded noise to every parameter, so norms, biases and zero-initialised layers all differ
+    and a key mapped to the wrong place cannot go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return module
+
+
+def diffusers_pipeline(cfg: ModelConfig, seed: int = 0):
+    """A diffusers pipeline with random weights whose configs are sdlab's `cfg`."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(seed)
+    f = cfg.vae.downscale
+    unet = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(cfg.unet), sample_size=cfg.default_size // f)
+    vae = diffusers.AutoencoderKL(**vae_config_to_diffusers(cfg.vae), sample_size=cfg.default_size)
+    encoders, tokenizers = [], []
+    tmp = Path(__import__("tempfile").mkdtemp())
+    for i, spec in enumerate(cfg.text):
+        hf_cfg = transformers.CLIPTextConfig(**text_encoder_config_to_diffusers(spec.encoder))
+        cls = transformers.CLIPTextModelWithProjection if spec.encoder.projection_dim else transformers.CLIPTextModel
+        encoders.append(perturb_(cls(hf_cfg).eval(), seed + 10 + i))
+        write_transformers_files(tmp / f"tok{i}", spec.tokenizer)
+        tokenizers.append(transformers.CLIPTokenizer.from_pretrained(tmp / f"tok{i}"))
+    perturb_(unet, seed + 1)
+    perturb_(vae, seed + 2)
+    sched = dict(
+        num_train_timesteps=cfg.schedule.num_train_timesteps,
+        beta_start=cfg.schedule.beta_start,
+        beta_end=cfg.schedule.beta_end,
+        beta_schedule=cfg.schedule.beta_schedule,
+        prediction_type=cfg.schedule.prediction_type,
+        timestep_spacing=cfg.schedule.timestep_spacing,
+        steps_offset=cfg.schedule.steps_offset,
+    )
+    if cfg.family == "sdxl":
+        cls = diffusers.StableDiffusionXLInpaintPipeline if cfg.inpainting else diffusers.StableDiffusionXLPipeline
+        return cls(
+            vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1], unet=unet, scheduler=diffusers.EulerDiscreteScheduler(**sched),
+            force_zeros_for_empty_prompt=cfg.force_zeros_for_empty_prompt,
+        )
+    if cfg.family == "sdxl-refiner":
+        return diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=encoders[0], tokenizer=None, tokenizer_2=tokenizers[0],
+            unet=unet, scheduler=diffusers.EulerDiscreteScheduler(**sched), requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+        )
+    cls = diffusers.StableDiffusionInpaintPipeline if cfg.inpainting else diffusers.StableDiffusionPipeline
+    return cls(
+        vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
+        scheduler=diffusers.PNDMScheduler(**sched, skip_prk_steps=True), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def text_encoders_of(pipe) -> list:
+    return [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e is not None]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()
