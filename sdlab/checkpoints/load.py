@@ -105,7 +105,7 @@ def _fetch_from_hub(repo_id: str) -> Path:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{repo_id}: could not fetch from the Hugging Face hub ({reason}); "
-            "download it where the hub is reachable and pass the local folder or file with --model PATH"
+            "download it where the hub is reachable and pass its local folder or file instead"
         ) from None
 
 
