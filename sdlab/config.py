@@ -27,6 +27,7 @@ class VAEConfig:
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # ch * ch_mult; f = 2 ** (levels - 1)
     layers_per_block: int = 2  # res blocks per encoder level (decoder has one more)
     norm_num_groups: int = 32
+    norm_eps: float = 1e-6  # every GroupNorm of the ldm autoencoder
     scaling_factor: float = 0.18215  # latent = scaling_factor * (z - shift_factor)
     shift_factor: float = 0.0
     force_upcast: bool = True  # decode in fp32 when the pipeline runs in fp16

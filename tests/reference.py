@@ -23,6 +23,16 @@ def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.n
     return module
 
 
+def perturb_norms_(module: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
+    """Move every norm weight and bias off its identity initialisation (from the global RNG), so a
+    swapped norm shows in a parity test."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.add_(scale * torch.randn_like(p))
+    return module
+
+
 def diffusers_pipeline(cfg: ModelConfig, seed: int = 0):
     """A diffusers pipeline with random weights whose configs are sdlab's `cfg`."""
     import diffusers

@@ -149,7 +149,8 @@ def load_single_file(
         cfg = replace(cfg, schedule=replace(cfg.schedule, prediction_type=detection.prediction_type))
     unet = build(lambda: UNet(cfg.unet), formats.strip_prefix(state, det.UNET_PREFIX), f"{source} (U-Net)")
     vae_prefix = det.VAE_PREFIX if formats.any_key(state, det.VAE_PREFIX) else "vae."
-    vae_state = formats.strip_prefix(state, vae_prefix)
+    # ldm deletes the VAE's training loss (LPIPS, discriminator) before saving; some files still carry it
+    vae_state = {k: v for k, v in formats.strip_prefix(state, vae_prefix).items() if not k.startswith("loss.")}
     if not vae_state:
         raise CheckpointError(f"{source}: no VAE inside (no '{det.VAE_PREFIX}*' keys); pass a full checkpoint")
     vae = build(lambda: AutoencoderKL(cfg.vae), vae_state, f"{source} (VAE)")

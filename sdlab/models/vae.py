@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdlab.config import VAEConfig
+from sdlab.models.layers import Upsample
 
-NORM_EPS = 1e-6  # every GroupNorm of the ldm autoencoder (`Normalize`)
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # ldm clamps the posterior log-variance to this range
 
 
 def group_norm(channels: int, cfg: VAEConfig) -> nn.GroupNorm:
-    return nn.GroupNorm(cfg.norm_num_groups, channels, eps=NORM_EPS)
+    return nn.GroupNorm(cfg.norm_num_groups, channels, eps=cfg.norm_eps)
 
 
 class ResnetBlock(nn.Module):
@@ -78,18 +78,6 @@ class Downsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = F.pad(x, (0, 1, 0, 1))  # (B, C, H+1, W+1)
         return self.conv(x)  # (B, C, H/2, W/2)
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour repeat, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
-        return self.conv(x)
 
 
 def res_blocks(in_channels: int, out_channels: int, num_blocks: int, cfg: VAEConfig) -> nn.ModuleList:

@@ -101,3 +101,23 @@ def test_inspect_a_file_matches_preset_counts(tiny_file, capsys):
     out = json.loads(capsys.readouterr().out)
     meta = build_on_meta(preset("tiny-sd1"))
     assert out["components"]["unet"] == sum(p.numel() for p in meta["unet"].parameters())
+
+
+def test_training_leftovers_of_real_files_are_ignored(tiny_file, tmp_path):
+    """Original files also hold the noise schedule, EMA bookkeeping, CLIP's position_ids and
+    sometimes the VAE's training loss; none of them is a weight sdlab needs."""
+    from safetensors.torch import save_file
+
+    state, meta = read_weights(tiny_file)
+    extra = {
+        "alphas_cumprod": torch.linspace(1, 0, 1000),
+        "model_ema.decay": torch.tensor(0.9999),
+        "model_ema.num_updates": torch.tensor(1000),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+        "first_stage_model.loss.logvar": torch.zeros(()),
+    }
+    save_file({**state, **extra}, tmp_path / "real.safetensors", metadata=meta)
+    loaded = loading.load(tmp_path / "real.safetensors")
+    plain = loading.load(tiny_file)
+    for a, b in zip(loaded.modules().values(), plain.modules().values()):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

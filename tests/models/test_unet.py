@@ -19,6 +19,7 @@ from sdlab.config import PRESETS, UNetConfig
 from sdlab.errors import CheckpointError, SdlabError
 from sdlab.models.layers import timestep_embedding
 from sdlab.models.unet import ControlResiduals, UNet, added_condition, unet_block_groups
+from tests.reference import perturb_norms_
 
 FULL = ["sd15", "sd15-inpainting", "sd21", "sd21-base", "sd2-inpainting", "sdxl", "sdxl-refiner", "sdxl-inpainting"]
 TINY = ["tiny-sd1", "tiny-sd2", "tiny-sdxl", "tiny-sdxl-refiner", "tiny-sd1-inpainting"]
@@ -28,11 +29,7 @@ ATOL = 1e-4  # fp32
 def _diffusers_unet(cfg: UNetConfig, seed: int = 0) -> UNet2DConditionModel:
     """Seeded random diffusers U-Net; norms (initialised to identity) perturbed so a swapped map shows."""
     torch.manual_seed(seed)
-    model = UNet2DConditionModel(**unet_config_to_diffusers(cfg)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    model = perturb_norms_(UNet2DConditionModel(**unet_config_to_diffusers(cfg)).eval())
     assert all(p.abs().sum() > 0 for p in model.parameters()), "a parameter is all zeros: the test would miss it"
     return model
 

@@ -18,6 +18,7 @@ from sdlab.checkpoints.keymaps.vae import (
 from sdlab.config import PRESETS, SD_VAE, SDXL_VAE, VAEConfig
 from sdlab.errors import CheckpointError
 from sdlab.models.vae import AutoencoderKL
+from tests.reference import perturb_norms_
 
 TINY = PRESETS["tiny-sd1"].vae  # 2 levels, 1 res block per level, quant convs
 SMALL = VAEConfig(  # 3 levels, 2 res blocks, 8 groups, no quant convs, a shift
@@ -40,11 +41,7 @@ def diffusers_vae(cfg: VAEConfig, seed: int = 0) -> DiffusersVAE:
     """diffusers' VAE with seeded random weights; norms are perturbed too so a swapped norm shows."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = DiffusersVAE.from_config(vae_config_to_diffusers(cfg)).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.add_(0.1 * torch.randn_like(p))
+        model = perturb_norms_(DiffusersVAE.from_config(vae_config_to_diffusers(cfg)).eval())
     return model
 
 
