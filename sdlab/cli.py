@@ -63,6 +63,71 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Progress:
+    """One bar per image with step count, rate and ETA (tqdm's own format)."""
+
+    def __init__(self, images: int):
+        self.images, self.image, self.bar = images, 0, None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or done <= self.bar.n:
+            self.close()
+            self.image += 1
+            self.bar = tqdm(total=total, unit="step", desc=f"image {self.image}/{self.images}", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sdlab import api
+    from sdlab.pipelines.settings import Settings
+
+    options = {
+        k: getattr(args, k)
+        for k in ("negative", "steps", "guidance", "sampler", "schedule", "width", "height", "seed", "batch",
+                  "clip_skip", "guidance_rescale", "eta")
+        if getattr(args, k) is not None
+    }
+    model, dtype, device = args.model, args.dtype, args.device
+    if args.replay:
+        record = api.read_record(args.replay)
+        settings = Settings.from_dict(record["settings"])
+        if args.prompt is not None or options:
+            raise SdlabError("--replay takes no prompt or generation options: it makes the recorded image again")
+        model = model or record["model"]["path"]
+        dtype, device = dtype or record["dtype"], device or record["device"]
+    elif args.prompt is None:
+        raise SdlabError("generate needs a PROMPT (or --replay IMAGE.png)")
+    else:
+        settings = Settings(prompt=args.prompt, **options)
+    pipe = api.load(model, device=device or "cpu", dtype=dtype, config=args.config, prediction_type=args.prediction_type)
+    settings = settings.resolved(pipe.config)
+    if args.replay and pipe.info.sha256 != record["model"]["sha256"]:
+        print(f"sdlab: warning: {pipe.info.path} is not the model the image was made with", file=sys.stderr)
+    progress = _Progress(settings.batch)
+    images = pipe.run(settings, progress)
+    progress.close()
+    for path in api.save(images, args.out):
+        print(path)
+    return 0
+
+
+def cmd_png_info(args: argparse.Namespace) -> int:
+    from sdlab.pipelines.images import read_png_text
+    from sdlab.pipelines.metadata import PARAMETERS_KEY
+
+    text = read_png_text(args.image)
+    if PARAMETERS_KEY not in text:
+        raise SdlabError(f"{args.image}: has no 'parameters' text (no generation data)")
+    print(text[PARAMETERS_KEY])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlab", description="Stable Diffusion from scratch in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +148,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected one")
     p.add_argument("--force", action="store_true", help="replace an existing single file")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="text to image")
+    p.add_argument("prompt", nargs="?", help="what to draw (A1111 syntax: (word:1.3), [word], BREAK)")
+    p.add_argument("--model", help="diffusers folder, single file, or repo id (default: sdlab's own model)")
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--steps", type=int, help="sampling steps (default 20)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7)")
+    p.add_argument("--guidance-rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
+    p.add_argument("--sampler", help="ddim, euler_a, dpmpp_2m, … or an A1111 name such as 'DPM++ 2M Karras'")
+    p.add_argument("--schedule", choices=["default", "karras", "exponential"], help="sigma schedule (default karras)")
+    p.add_argument("--eta", type=float, help="noise amount of DDIM / ancestral samplers")
+    p.add_argument("--width", type=int, help="pixels (default: the model's size)")
+    p.add_argument("--height", type=int, help="pixels (default: the model's size)")
+    p.add_argument("--seed", type=int, help="seed; image i of a batch uses seed + i (default: random)")
+    p.add_argument("--batch", type=int, help="number of images (default 1)")
+    p.add_argument("--clip-skip", type=int, help="use the text encoder's N-th last layer (default 1)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--config", help="preset for reading a single file, when detection is not enough")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected one")
+    p.add_argument("--out", default="outputs", help="a .png path or a folder (default: outputs/)")
+    p.add_argument("--replay", metavar="IMAGE", help="make an image sdlab wrote again, from its record")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("png-info", help="print the generation parameters stored in an image")
+    p.add_argument("image")
+    p.set_defaults(func=cmd_png_info)
     return parser
 
 

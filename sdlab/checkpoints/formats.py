@@ -37,6 +37,11 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise CheckpointError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)}") from None
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float16 -> 'fp16', the inverse of parse_dtype."""
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
 def _convert(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | str) -> torch.Tensor:
     if dtype is not None and t.is_floating_point():
         t = t.to(dtype=dtype)
