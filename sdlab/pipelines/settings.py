@@ -36,8 +36,8 @@ class Settings:
         """Defaults filled in from the model, every value checked; a one-line SdlabError otherwise."""
         from sdlab.diffusion.samplers import SAMPLERS, resolve_sampler
 
-        width = self.width or cfg.default_size
-        height = self.height or cfg.default_size
+        width = cfg.default_size if self.width is None else self.width
+        height = cfg.default_size if self.height is None else self.height
         f = cfg.vae.downscale
         for name, value in (("width", width), ("height", height)):
             if value <= 0 or value % f:

@@ -1,0 +1,108 @@
+"""The Python API and the generate CLI: options, seeds, metadata, one-line errors and no stray files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sdlab
+from sdlab.cli import main
+from sdlab.config import preset
+from sdlab.errors import SdlabError
+from sdlab.pipelines.metadata import parse_parameters
+from tests.reference import diffusers_pipeline
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("api") / "tiny-sd1"
+    diffusers_pipeline(preset("tiny-sd1"), seed=4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return sdlab.load(folder)
+
+
+def test_generate_returns_images_with_metadata(pipe):
+    images = pipe.generate("a cat", negative="a dog", steps=3, guidance=5, sampler="DPM++ 2M Karras", seed=42)
+    assert len(images) == 1 and images[0].size == (32, 32)
+    prompt, negative, pairs = parse_parameters(images[0].info["parameters"])
+    assert (prompt, negative) == ("a cat", "a dog")
+    assert pairs["Steps"] == "3" and pairs["Sampler"] == "DPM++ 2M" and pairs["Schedule type"] == "Karras"
+    assert pairs["CFG scale"] == "5" and pairs["Seed"] == "42" and pairs["Size"] == "32x32"
+    assert pairs["Model"] == "tiny-sd1" and len(pairs["Model hash"]) == 10
+
+
+def test_batch_uses_consecutive_seeds(pipe):
+    batch = pipe.generate("a cat", steps=3, sampler="euler_a", seed=10, batch=3)
+    alone = pipe.generate("a cat", steps=3, sampler="euler_a", seed=12)[0]
+    assert [parse_parameters(im.info["parameters"])[2]["Seed"] for im in batch] == ["10", "11", "12"]
+    assert np.array_equal(np.asarray(batch[2]), np.asarray(alone))
+    assert not np.array_equal(np.asarray(batch[0]), np.asarray(batch[1]))
+
+
+def test_random_seed_is_recorded(pipe):
+    image = pipe.generate("a cat", steps=2)[0]
+    seed = int(parse_parameters(image.info["parameters"])[2]["Seed"])
+    again = pipe.generate("a cat", steps=2, seed=seed)[0]
+    assert np.array_equal(np.asarray(image), np.asarray(again))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"width": 33}, "multiple of 2"),
+        ({"height": 0}, "positive multiple"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"guidance": float("nan")}, "finite"),
+        ({"guidance": float("inf")}, "finite"),
+        ({"sampler": "nope"}, "unknown sampler"),
+        ({"sampler": "euler", "eta": 0.5}, "takes no eta"),
+        ({"clip_skip": 9}, "clip skip"),
+        ({"colour": "red"}, "unexpected keyword"),
+    ],
+)
+def test_bad_options_are_one_line_errors(pipe, options, message):
+    with pytest.raises(SdlabError, match=message) as err:
+        pipe.generate("a cat", **{"steps": 2, **options})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--width", "31"], "multiple of 2"),
+        (["--steps", "0"], "steps must be at least 1"),
+        (["--guidance", "nan"], "finite"),
+        (["--sampler", "DPM++ 9M"], "unknown sampler"),
+    ],
+)
+def test_cli_bad_input_writes_nothing(folder, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main(["generate", "a cat", "--model", str(folder), "--out", str(out), *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sdlab: error:") and message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_cli_writes_numbered_files_shows_progress_and_png_info(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["generate", "a cat", "--model", str(folder), "--steps", "3", "--batch", "2", "--seed", "5",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["00000-sdlab.png", "00001-sdlab.png"]
+    assert "3/3" in captured.err and "step/s" in captured.err  # the progress bar: steps and rate
+    assert main(["png-info", str(out / "00001-sdlab.png")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("a cat\n") and "Seed: 6" in text
+    assert main(["png-info", str(tmp_path / "none.png")]) == 1
+
+
+def test_replay_refuses_extra_options(folder, tmp_path, capsys):
+    first = tmp_path / "a.png"
+    assert main(["generate", "a cat", "--model", str(folder), "--steps", "2", "--seed", "1", "--out", str(first)]) == 0
+    assert main(["generate", "--replay", str(first), "--steps", "5"]) == 1
+    assert "--replay takes no" in capsys.readouterr().err
