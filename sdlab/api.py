@@ -84,16 +84,17 @@ def model_info(source: Path) -> ModelInfo:
 class Pipeline:
     """A loaded model: `generate` returns PIL images with their metadata in `image.info`."""
 
-    def __init__(self, runner: Text2Image, info: ModelInfo):
+    def __init__(self, runner: Text2Image, info: ModelInfo, refiner: tuple[Text2Image, ModelInfo] | None = None):
         self.runner = runner
         self.info = info
         self.config = runner.config
+        self.refiner = refiner
 
     def generate(
         self, prompt: str, *, on_step: Callable[[int, int], None] | None = None, **options
     ) -> list[Image.Image]:
         """Options are the CLI's long names: negative, steps, guidance, sampler, schedule, width, height,
-        seed, batch, clip_skip, guidance_rescale, eta."""
+        seed, batch, clip_skip, guidance_rescale, eta, refiner_switch (with a refiner loaded)."""
         try:
             settings = Settings(prompt=prompt, **options)
         except TypeError as e:
@@ -102,7 +103,8 @@ class Pipeline:
 
     def run(self, settings: Settings, on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
         images = []
-        for seed, image in self.runner.generate_images(settings, on_step):
+        refiner = None if self.refiner is None else self.refiner[0]
+        for seed, image in self.runner.generate_images(settings, on_step, refiner):
             one = Settings.from_dict({**settings.to_dict(), "seed": seed, "batch": 1})
             image.info.update(self.metadata(one))
             images.append(image)
@@ -121,16 +123,23 @@ class Pipeline:
             "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
             "CFG rescale": f"{s.guidance_rescale:g}" if s.guidance_rescale else None,
             "Eta": s.eta,
+            "Refiner": None if self.refiner is None else f"{self.refiner[1].name} [{self.refiner[1].short_hash}]",
+            "Refiner switch at": None if self.refiner is None else s.refiner_switch,
             "Version": f"sdlab {__version__}",
         }
         record = {
             "settings": s.to_dict(),
-            "model": {"path": self.info.path, "sha256": self.info.sha256, "name": self.info.name},
+            "model": _identity(self.info),
+            "refiner": None if self.refiner is None else _identity(self.refiner[1]),
             "dtype": formats.dtype_name(self.runner.dtype),
             "device": str(self.runner.device),
             "sdlab": __version__,
         }
         return {PARAMETERS_KEY: format_parameters(s.prompt, s.negative, pairs), RECORD_KEY: json.dumps(record)}
+
+
+def _identity(info: ModelInfo) -> dict:
+    return {"path": info.path, "sha256": info.sha256, "name": info.name}
 
 
 def load(
@@ -140,9 +149,11 @@ def load(
     dtype: str | torch.dtype | None = None,
     config: str | None = None,
     prediction_type: str | None = None,
+    refiner: str | os.PathLike | None = None,
 ) -> Pipeline:
     """Load a model once: None for sdlab's default model, a diffusers folder, a single file or a repo id.
-    dtype defaults to fp32 on the CPU and fp16 on CUDA."""
+    dtype defaults to fp32 on the CPU and fp16 on CUDA. `refiner` (an SDXL refiner) takes over the
+    latents at `refiner_switch` of each generation."""
     source = default_model() if model is None else model
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -150,11 +161,23 @@ def load(
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise SdlabError("device 'mps' asked for, but PyTorch sees no Apple GPU here")
     dtype = formats.parse_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
-    comps = load_components(source, dtype=dtype, device=device, config=config, prediction_type=prediction_type)
+    base = _runner(source, device, dtype, config=config, prediction_type=prediction_type)
+    second = None
+    if refiner is not None:
+        second = _runner(refiner, device, dtype)
+        if base[0].config.family != "sdxl" or second[0].config.family != "sdxl-refiner":
+            raise SdlabError(
+                f"a refiner hands off from an SDXL base to an SDXL refiner; got {base[0].config.family} "
+                f"and {second[0].config.family}"
+            )
+    return Pipeline(*base, second)
+
+
+def _runner(source, device: torch.device, dtype: torch.dtype, **options) -> tuple[Text2Image, ModelInfo]:
+    comps = load_components(source, dtype=dtype, device=device, **options)
     if dtype == torch.float16 and comps.config.vae.force_upcast:
         comps.vae.float()  # the SD VAE overflows in fp16; diffusers upcasts it the same way
-    resolved = Path(comps.source)
-    return Pipeline(Text2Image(comps, device, dtype), model_info(resolved))
+    return Text2Image(comps, device, dtype), model_info(Path(comps.source))
 
 
 def save(images: list[Image.Image], out: str | os.PathLike, stem: str = "sdlab") -> list[Path]:

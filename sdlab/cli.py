@@ -90,22 +90,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = {
         k: getattr(args, k)
         for k in ("negative", "steps", "guidance", "sampler", "schedule", "width", "height", "seed", "batch",
-                  "clip_skip", "guidance_rescale", "eta")
+                  "clip_skip", "guidance_rescale", "eta", "refiner_switch")
         if getattr(args, k) is not None
     }
-    model, dtype, device = args.model, args.dtype, args.device
+    model, dtype, device, refiner = args.model, args.dtype, args.device, args.refiner
     if args.replay:
         record = api.read_record(args.replay)
         settings = Settings.from_dict(record["settings"])
         if args.prompt is not None or options:
             raise SdlabError("--replay takes no prompt or generation options: it makes the recorded image again")
         model = model or record["model"]["path"]
+        refiner = refiner or (record.get("refiner") or {}).get("path")
         dtype, device = dtype or record["dtype"], device or record["device"]
     elif args.prompt is None:
         raise SdlabError("generate needs a PROMPT (or --replay IMAGE.png)")
     else:
         settings = Settings(prompt=args.prompt, **options)
-    pipe = api.load(model, device=device or "cpu", dtype=dtype, config=args.config, prediction_type=args.prediction_type)
+    pipe = api.load(
+        model, device=device or "cpu", dtype=dtype, config=args.config, prediction_type=args.prediction_type,
+        refiner=refiner,
+    )
     settings = settings.resolved(pipe.config)
     if args.replay and pipe.info.sha256 != record["model"]["sha256"]:
         print(f"sdlab: warning: {pipe.info.path} is not the model the image was made with", file=sys.stderr)
@@ -168,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default cpu)")
     p.add_argument("--config", help="preset for reading a single file, when detection is not enough")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected one")
+    p.add_argument("--refiner", metavar="MODEL", help="an SDXL refiner that finishes the base model's latents")
+    p.add_argument("--refiner-switch", type=float, help="fraction of the schedule the base denoises (default 0.8)")
     p.add_argument("--out", default="outputs", help="a .png path or a folder (default: outputs/)")
     p.add_argument("--replay", metavar="IMAGE", help="make an image sdlab wrote again, from its record")
     p.set_defaults(func=cmd_generate)

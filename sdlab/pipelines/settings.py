@@ -31,6 +31,7 @@ class Settings:
     clip_skip: int = 1
     guidance_rescale: float = 0.0
     eta: float | None = None  # DDIM / ancestral noise amount; None: the sampler's default
+    refiner_switch: float = 0.8  # with a refiner: the fraction of the schedule the base model denoises
 
     def resolved(self, cfg: ModelConfig) -> Settings:
         """Defaults filled in from the model, every value checked; a one-line SdlabError otherwise."""
@@ -48,6 +49,8 @@ class Settings:
             raise SdlabError(f"guidance must be a finite number, got {self.guidance}")
         if not math.isfinite(self.guidance_rescale) or not 0 <= self.guidance_rescale <= 1:
             raise SdlabError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
+        if not 0 < self.refiner_switch <= 1:
+            raise SdlabError(f"refiner switch must be in (0, 1], got {self.refiner_switch}")
         if self.batch < 1:
             raise SdlabError(f"batch must be at least 1, got {self.batch}")
         if self.clip_skip < 1:

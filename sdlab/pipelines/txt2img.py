@@ -12,14 +12,14 @@ for the same seed and any image of a batch can be made again alone.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
 
 from sdlab.checkpoints.load import Components
 from sdlab.diffusion.denoiser import guided
-from sdlab.diffusion.samplers import prepare
+from sdlab.diffusion.samplers import Plan, prepare
 from sdlab.models.unet import added_condition
 from sdlab.pipelines.images import to_pil
 from sdlab.pipelines.settings import Settings
@@ -91,33 +91,72 @@ class Text2Image:
         positive = cond.positive()
         return lambda x, t: net(x, t, positive)
 
+    def plan(self, s: Settings) -> Plan:
+        return prepare(s.sampler, self.config.schedule, s.steps, s.schedule)
+
+    def initial_noise(self, s: Settings, plan: Plan, generator: torch.Generator) -> torch.Tensor:
+        """x_T = init_scale * ε (1, 4, H/f, W/f), drawn on the CPU so every device gets the same image."""
+        f = self.config.vae.downscale
+        shape = (1, self.config.unet.out_channels, s.height // f, s.width // f)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device) * plan.init_scale
+
+    @torch.no_grad()
+    def denoise(
+        self, s: Settings, plan: Plan, x: torch.Tensor, cond: Conditioning, generator: torch.Generator,
+        on_step: StepCallback | None = None, steps_before: int = 0,
+    ) -> torch.Tensor:
+        """Run `plan` from x at plan.sigmas[0] to x at plan.sigmas[-1] (k-diffusion coordinates)."""
+        model = plan.denoiser(self._network(cond, s.guidance, s.guidance_rescale), self.config.prediction_type)
+        callback = None if on_step is None else (lambda step: on_step(steps_before + step.i + 1, s.steps))
+        options = {} if s.eta is None else {"eta": s.eta}
+        return plan.sample(model, x, noise=plan.noise_sampler(x, generator), callback=callback, **options)
+
     @torch.no_grad()
     def sample(self, s: Settings, cond: Conditioning, seed: int, on_step: StepCallback | None = None) -> torch.Tensor:
         """Latents (1, 4, H/f, W/f) in the VAE's scaled space for one seed."""
         generator = torch.Generator().manual_seed(seed)
-        f = self.config.vae.downscale
-        shape = (1, self.config.unet.out_channels, s.height // f, s.width // f)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)  # (1, 4, H/f, W/f)
-        plan = prepare(s.sampler, self.config.schedule, s.steps, s.schedule)
-        model = plan.denoiser(self._network(cond, s.guidance, s.guidance_rescale), self.config.prediction_type)
-        callback = None if on_step is None else (lambda step: on_step(step.i + 1, s.steps))
-        options = {} if s.eta is None else {"eta": s.eta}
-        x = plan.sample(model, noise * plan.init_scale, noise=plan.noise_sampler(noise, generator), callback=callback, **options)
+        plan = self.plan(s)
+        x = self.denoise(s, plan, self.initial_noise(s, plan, generator), cond, generator, on_step)
         return plan.to_vp(x)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.components.vae
-        z = vae.unscale_latents(latents)
-        dtype = torch.float32 if (self.config.vae.force_upcast and self.dtype == torch.float16) else self.dtype
-        image = vae.to(dtype).decode(z.to(dtype))  # (1, 3, H, W)
+        dtype = next(vae.parameters()).dtype  # fp32 when an fp16 pipeline upcasts the VAE
+        image = vae.decode(vae.unscale_latents(latents).to(dtype))  # (1, 3, H, W)
         return to_pil(image)
 
-    def generate_images(self, s: Settings, on_step: StepCallback | None = None) -> list[tuple[int, Image.Image]]:
-        """(seed, image) for each image of the batch; `s` must be resolved."""
+    def generate_images(
+        self, s: Settings, on_step: StepCallback | None = None, refiner: Text2Image | None = None
+    ) -> list[tuple[int, Image.Image]]:
+        """(seed, image) for each image of the batch; `s` must be resolved. With a refiner, this model
+        denoises down to `s.refiner_switch` and the refiner takes the latents from there."""
         cond = self.condition(s)
+        refiner_cond = None if refiner is None else refiner.condition(s)
         out = []
         for i in range(s.batch):
             seed = s.seed + i
-            out.append((seed, self.decode(self.sample(s, cond, seed, on_step))[0]))
+            generator = torch.Generator().manual_seed(seed)
+            plan = self.plan(s)
+            x = self.initial_noise(s, plan, generator)
+            if refiner is None:
+                image = self.decode(plan.to_vp(self.denoise(s, plan, x, cond, generator, on_step)))
+            else:
+                first, second = split_plan(plan, refiner.plan(s), s.refiner_switch, self.config.schedule.num_train_timesteps)
+                if len(first.timesteps):
+                    x = self.denoise(s, first, x, cond, generator, on_step)
+                if len(second.timesteps):
+                    x = refiner.denoise(s, second, x, refiner_cond, generator, on_step, len(first.timesteps))
+                image = refiner.decode(second.to_vp(x))
+            out.append((seed, image[0]))
         return out
+
+
+def split_plan(base: Plan, refiner: Plan, switch: float, train_steps: int) -> tuple[Plan, Plan]:
+    """Hand-off at a fraction of the noise schedule, as diffusers' `denoising_end`/`denoising_start`:
+    the base keeps the timesteps t >= round(T - switch * T), the refiner runs the rest."""
+    cutoff = round(train_steps - switch * train_steps)
+    k = int((base.timesteps >= cutoff).sum())
+    first = replace(base, sigmas=base.sigmas[: k + 1], timesteps=base.timesteps[:k])
+    second = replace(refiner, sigmas=refiner.sigmas[k:], timesteps=refiner.timesteps[k:])
+    return first, second
