@@ -43,11 +43,12 @@ How a pipeline runs one (`prepare` returns a `Plan`):
 Differences from diffusers left on purpose, where diffusers is inconsistent:
 - DDIM and PNDM always step to t - T//steps, which with `linspace` (and `trailing` when steps does not
   divide T) is not the next timestep they evaluate; here every step ends at the next sigma of the plan.
-- PNDM with v-prediction combines raw v outputs of different steps and converts the mix to ε at the
-  current step; PLMS here combines each step's own ε̂ (the same as diffusers run on the equivalent
-  ε-network, and identical to diffusers for ε-prediction models).
 - KDPM2 ancestral with Karras sigmas: its midpoint σ equals the next σ, which diffusers evaluates once at
   the unrounded and once at the rounded timestep; here one σ always gets one timestep (the rounded one).
+
+PNDM with v-prediction combines raw v outputs of different steps and converts the mix to ε at the
+current step; `sample_plms(mix="v_prediction")` does the same (the pipelines pass the model's
+prediction type), while the default `mix="epsilon"` combines each step's own ε̂ as Stability's PLMS.
 """
 
 from __future__ import annotations
@@ -293,25 +294,46 @@ _ADAMS_BASHFORTH = {  # coefficients of the newest, next newest, ... ε̂
 }
 
 
+def _v_from_denoised(x: Tensor, denoised: Tensor, sigma: float) -> Tensor:
+    """The v a v-network gives for this x̂0 at σ: v = (x / (1 + σ²) - x̂0) · sqrt(1 + σ²) / σ."""
+    return (x / (1 + sigma**2) - denoised) * (math.sqrt(1 + sigma**2) / sigma)
+
+
+def _eps_from_v(v: Tensor, x: Tensor, sigma: float) -> Tensor:
+    """ε = sqrt(ᾱ)·v + sqrt(1 - ᾱ)·x_vp, written in σ coordinates."""
+    return v / math.sqrt(1 + sigma**2) + x * (sigma / (1 + sigma**2))
+
+
 def sample_plms(
-    model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: NoiseSampler | None = None, callback: Callback | None = None
+    model: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSampler | None = None,
+    callback: Callback | None = None,
+    mix: PredictionType = "epsilon",
 ) -> Tensor:
     """PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds"): Adams-Bashforth on ε̂,
-    started with one pseudo-improved-Euler step; n + 1 network calls."""
+    started with one pseudo-improved-Euler step; n + 1 network calls.
+
+    `mix` is the network output the multistep history combines: "epsilon" (Stability's PLMS) or
+    "v_prediction" (diffusers' PNDM on a v model: the raw v of earlier steps are combined, then
+    turned into ε with the current step's x and σ)."""
     s = sigmas.tolist()
-    history: list[Tensor] = []  # ε̂ at the accepted points, newest last
+    as_output = (lambda x_, d, sig: _to_d(x_, d, sig)) if mix == "epsilon" else _v_from_denoised
+    to_eps = (lambda out, x_, sig: out) if mix == "epsilon" else _eps_from_v
+    history: list[Tensor] = []  # network outputs at the accepted points, newest last
     for i in range(len(s) - 1):
         denoised = model(x, s[i])
-        eps = _to_d(x, denoised, s[i])
-        history = (history + [eps])[-4:]
+        history = (history + [as_output(x, denoised, s[i])])[-4:]
         dt = s[i + 1] - s[i]
         if i == 0 and len(s) > 2:
-            x_pred = x + dt * eps
-            eps_used = (eps + _to_d(x_pred, model(x_pred, s[1]), s[1])) / 2
+            x_pred = x + dt * _to_d(x, denoised, s[i])
+            mixed = (history[-1] + as_output(x_pred, model(x_pred, s[1]), s[1])) / 2
         else:
             coeffs = _ADAMS_BASHFORTH[len(history)]
-            eps_used = sum(c * e for c, e in zip(coeffs, reversed(history)))
-        x = x + dt * eps_used
+            mixed = sum(c * e for c, e in zip(coeffs, reversed(history)))
+        x = x + dt * to_eps(mixed, x, s[i])
         _report(callback, i, x, denoised, s)
     return x
 

@@ -109,6 +109,8 @@ class Text2Image:
         model = plan.denoiser(self._network(cond, s.guidance, s.guidance_rescale), self.config.prediction_type)
         callback = None if on_step is None else (lambda step: on_step(steps_before + step.i + 1, s.steps))
         options = {} if s.eta is None else {"eta": s.eta}
+        if plan.sampler == "plms":  # PLMS combines raw network outputs, as diffusers' PNDM does
+            options["mix"] = self.config.prediction_type
         return plan.sample(model, x, noise=plan.noise_sampler(x, generator), callback=callback, **options)
 
     @torch.no_grad()

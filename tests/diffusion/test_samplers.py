@@ -170,11 +170,11 @@ def compare(key: str, steps: int, prediction: str, schedule: str = "default", ba
         config["timestep_spacing"] = "leading"
     noise0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1234 + steps))
     eta = {"eta": ddim_eta} if ddim_eta is not None else {}
-    wrap = None
-    if key == "plms" and prediction == "v_prediction":  # see test_plms_v_prediction_is_plms_on_eps
-        config, wrap = dict(config, prediction_type="epsilon"), v_as_eps
-    ref, ref_net, init_sigma = run_diffusers(cls, config, steps, noise0, seed, wrap, **eta)
-    out, our_net, plan = run_ours(key, schedule_config(config, prediction), steps, schedule, noise0, seed, **eta)
+    ours_options = dict(eta)
+    if key == "plms":  # diffusers' PNDM mixes the raw network outputs (see test_plms_mixing)
+        ours_options["mix"] = prediction
+    ref, ref_net, init_sigma = run_diffusers(cls, config, steps, noise0, seed, **eta)
+    out, our_net, plan = run_ours(key, schedule_config(config, prediction), steps, schedule, noise0, seed, **ours_options)
 
     if cls in VP_SCHEDULERS:  # their latents start as ε: x_T = sqrt(σ_max² + 1)·ε in σ coordinates
         init_sigma = math.sqrt(float(plan.sigmas[0]) ** 2 + 1)
@@ -229,17 +229,19 @@ def test_matches_diffusers_sdxl_euler(steps):
     compare("euler", steps, "epsilon", "karras", base=SDXL_EULER)
 
 
-def test_plms_v_prediction_is_plms_on_eps():
-    """diffusers' PNDM with v-prediction mixes the raw v of different steps and converts the mix to ε at the current
-    one. Our PLMS mixes each step's own ε̂: it equals diffusers' PNDM on the equivalent ε-network (checked in
-    test_matches_diffusers_sd_config) and differs from diffusers' v mode by more than rounding."""
+def test_plms_mixing():
+    """On a v model the two PLMS variants differ: mixing v (diffusers' PNDM) equals diffusers' v mode,
+    mixing ε̂ (Stability's PLMS) equals diffusers' PNDM run on the equivalent ε-network."""
     noise0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     config = dict(SD_CONFIG, timestep_spacing="leading", prediction_type="v_prediction")
     theirs_v, _, _ = run_diffusers(PNDMScheduler, config, 20, noise0, 0)
     theirs_eps, _, _ = run_diffusers(PNDMScheduler, dict(config, prediction_type="epsilon"), 20, noise0, 0, v_as_eps)
-    ours, _, _ = run_ours("plms", ScheduleConfig(prediction_type="v_prediction"), 20, "default", noise0, 0)
-    assert (ours - theirs_eps).abs().max() <= ATOL
-    assert (ours - theirs_v).abs().max() > 1e-3
+    v_cfg = ScheduleConfig(prediction_type="v_prediction")
+    mixing_eps, _, _ = run_ours("plms", v_cfg, 20, "default", noise0, 0)
+    mixing_v, _, _ = run_ours("plms", v_cfg, 20, "default", noise0, 0, mix="v_prediction")
+    assert (mixing_eps - theirs_eps).abs().max() <= ATOL
+    assert (mixing_v - theirs_v).abs().max() <= ATOL
+    assert (mixing_eps - mixing_v).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])

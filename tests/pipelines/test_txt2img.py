@@ -75,11 +75,6 @@ def _ours(folder, tmp_path, sampler, schedule, seed, size, negative: str) -> tup
 @pytest.mark.parametrize("sampler, schedule", CASES)
 def test_generate_matches_diffusers(model, tmp_path, sampler, schedule):
     cfg, pipe, folder = model
-    if sampler == "plms" and cfg.prediction_type == "v_prediction":
-        # diffusers' PNDM mixes raw v outputs of earlier steps and converts the mix with the current
-        # step's x; sdlab mixes each step's own ε̂ as Stability's SD 2 PLMS sampler does. The samplers
-        # agree on ε models, and on v models run as the equivalent ε model (tests/diffusion).
-        pytest.skip("PNDM with v-prediction follows Stability's PLMS, not diffusers' v mixing")
     seeds = [3, 1234] if cfg.family == "sd1" else [7]
     for seed in seeds:
         ours, parameters = _ours(folder, tmp_path, sampler, schedule, seed, cfg.default_size, NEGATIVE)
