@@ -312,6 +312,25 @@ TINY_PRESETS: dict[str, ModelConfig] = {
 }
 PRESETS.update(TINY_PRESETS)
 
+# --- sdlab's own small model: 64x64 images of coloured shapes, trained by `sdlab train` ------------
+SHAPES_TEXT = TextEncoderConfig(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4)
+SHAPES = ModelConfig(
+    name="shapes-64",
+    family="sd1",  # one CLIP text encoder, eps-prediction: SD 1.x's layout, so every loader and tool reads it
+    unet=UNetConfig(
+        block_out_channels=(64, 128, 192),
+        layers_per_block=1,
+        attention=(True, True, True),
+        transformer_depth=(1, 1, 1),
+        num_heads=(4, 4, 4),
+        cross_attention_dim=128,
+    ),
+    vae=VAEConfig(block_out_channels=(32, 64, 128), layers_per_block=1, scaling_factor=1.0),  # 64 px -> 16x16x4
+    text=(TextConditioner(SHAPES_TEXT, PAD_WITH_EOS),),
+    default_size=64,
+)
+PRESETS[SHAPES.name] = SHAPES
+
 
 def preset(name: str) -> ModelConfig:
     """The named preset; a clear error lists the known names."""
