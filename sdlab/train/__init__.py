@@ -1,0 +1,1 @@
+"""Training: procedural data, loss, trainer."""
