@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("png-info", help="print the generation parameters stored in an image")
     p.add_argument("image")
     p.set_defaults(func=cmd_png_info)
+
+    from sdlab.train.cli import add_train_parser
+    add_train_parser(sub)
     return parser
 
 

@@ -375,3 +375,12 @@ def test_pad_chunks_needs_whole_chunks():
         pad_chunks(torch.ones(1, 77, 4), 100, empty)
     with pytest.raises(SdlabError, match="whole numbers of chunks"):
         pad_chunks(torch.ones(1, 154, 4), 77, empty)
+
+
+def test_emphasis_of_a_zero_mean_chunk_stays_finite():
+    from sdlab.prompts import apply_emphasis
+
+    assert torch.equal(apply_emphasis(torch.zeros(1, 77, 8), torch.ones(1, 77)), torch.zeros(1, 77, 8))
+    weights = torch.ones(1, 77)
+    weights[0, 3] = 1.5
+    assert torch.isfinite(apply_emphasis(torch.zeros(1, 77, 8), weights)).all()
