@@ -33,12 +33,15 @@ HASH_CACHE = Path(os.environ.get("SDLAB_CACHE", Path.home() / ".cache" / "sdlab"
 SCHEDULE_NAMES = {"default": None, "karras": "Karras", "exponential": "Exponential"}
 
 
+DEFAULT_MODEL = "shapes-64.safetensors"  # trained by `sdlab train` (README), shipped as package data
+
+
 def default_model() -> Path:
     """The small model sdlab ships as package data."""
     from importlib import resources
 
-    path = Path(str(resources.files("sdlab.data").joinpath("default-model")))
-    if not path.is_dir():
+    path = Path(str(resources.files("sdlab.data").joinpath(DEFAULT_MODEL)))
+    if not path.is_file():
         raise SdlabError("this sdlab has no default model installed; pass a model path or repo id (--model PATH)")
     return path
 

@@ -132,6 +132,49 @@ def cmd_png_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_adherence(args: argparse.Namespace) -> int:
+    """Generate held-out prompts at each guidance scale and score every image programmatically."""
+    from tqdm import tqdm
+
+    from sdlab import api
+    from sdlab.analysis.adherence import format_report, run_adherence
+    from sdlab.train.shapes import heldout_prompts
+
+    if args.prompts < 1 or args.steps < 1:
+        raise SdlabError("--prompts and --steps must be at least 1")
+    pipe = api.load(args.model, device=args.device, dtype=args.dtype)
+    prompts = heldout_prompts(args.prompts, seed=args.seed)
+    reports = {}
+    with tqdm(total=len(prompts) * len(args.guidance), unit="image", file=sys.stderr) as bar:
+        for guidance in args.guidance:
+
+            def generate(prompt: str, seed: int, guidance: float = guidance):
+                bar.update(1)
+                options = {"sampler": args.sampler} if args.sampler else {}
+                return pipe.generate(prompt, steps=args.steps, guidance=guidance, seed=seed, **options)[0]
+
+            reports[guidance] = run_adherence(generate, prompts, seeds=[args.seed])
+    table = format_report(reports)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    """Prompts x seeds in one captioned PNG."""
+    from sdlab import api
+    from sdlab.analysis.grids import prompt_grid
+    from sdlab.pipelines.images import save_png
+
+    pipe = api.load(args.model, device=args.device)
+    options = {k: getattr(args, k) for k in ("steps", "guidance", "sampler") if getattr(args, k) is not None}
+    pipe.generate(args.prompts[0], seed=args.seeds[0], **options)  # options are checked before any work
+    grid = prompt_grid(lambda p, s: pipe.generate(p, seed=s, **options)[0], args.prompts, args.seeds, args.scale)
+    print(save_png(grid, args.out, {"prompts": "\n".join(args.prompts)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlab", description="Stable Diffusion from scratch in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +224,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("png-info", help="print the generation parameters stored in an image")
     p.add_argument("image")
     p.set_defaults(func=cmd_png_info)
+
+
+    p = sub.add_parser("eval", help="measure a model: `sdlab eval adherence`")
+    evals = p.add_subparsers(dest="what", required=True)
+    p = evals.add_parser("adherence", help="generate held-out shape prompts and check colour, shape, position, count")
+    p.add_argument("--model", help="model to measure (default: sdlab's own model)")
+    p.add_argument("--prompts", type=int, default=200, help="held-out prompts (default 200)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0, 7.5], help="scales to compare")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--sampler", help="sampler (default: generate's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of every image (default 0)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--out", help="also write the Markdown table here")
+    p.set_defaults(func=cmd_eval_adherence)
+
+    p = sub.add_parser("grid", help="a captioned grid: one row per prompt, one column per seed")
+    p.add_argument("prompts", nargs="+")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--model", help="default: sdlab's own model")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--sampler")
+    p.add_argument("--scale", type=int, default=2, help="enlarge tiles this many times (default 2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="grid.png")
+    p.set_defaults(func=cmd_grid)
 
     from sdlab.train.cli import add_train_parser
     add_train_parser(sub)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,16 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     x = (images.float() / 2 + 0.5).clamp(0, 1)
     arrays = (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # (B, H, W, 3)
     return [Image.fromarray(a) for a in arrays]
+
+
+def image_grid(tiles: Sequence[Image.Image], columns: int) -> Image.Image:
+    """Tiles of equal size, left to right and top to bottom, `columns` per row."""
+    w, h = tiles[0].size
+    rows = -(-len(tiles) // columns)
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % columns) * w, (i // columns) * h))
+    return grid
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, text: Mapping[str, str]) -> Path:
