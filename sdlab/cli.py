@@ -143,6 +143,10 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
     if args.prompts < 1 or args.steps < 1:
         raise SdlabError("--prompts and --steps must be at least 1")
     pipe = api.load(args.model, device=args.device, dtype=args.dtype)
+    if args.vae_roundtrip:
+        table = format_report({0.0: _vae_roundtrip_report(pipe, args.prompts, args.seed)})
+        print(table.replace("| guidance |", "| (VAE round trip) |"))
+        return 0
     prompts = heldout_prompts(args.prompts, seed=args.seed)
     reports = {}
     with tqdm(total=len(prompts) * len(args.guidance), unit="image", file=sys.stderr) as bar:
@@ -159,6 +163,26 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(table + "\n")
     return 0
+
+
+def _vae_roundtrip_report(pipe, count: int, seed: int):
+    """The evaluator on held-out renders passed through the model's VAE: the ceiling any sampler can reach."""
+    import torch
+
+    from sdlab.analysis.adherence import evaluate
+    from sdlab.pipelines.images import to_pil
+    from sdlab.train.shapes import ShapesDataset
+
+    vae = pipe.runner.components.vae
+    data = ShapesDataset("heldout", count, seed=seed, size=pipe.config.default_size)
+    pairs = []
+    with torch.no_grad():
+        for i in range(len(data)):
+            image, _ = data[i]
+            dtype = next(vae.parameters()).dtype
+            round_trip = vae.decode(vae.encode(image[None].to(pipe.runner.device, dtype)).mode())  # (1, 3, H, W)
+            pairs.append((to_pil(round_trip)[0], data.spec(i)))
+    return evaluate(pairs)
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
@@ -237,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of every image (default 0)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--vae-roundtrip", action="store_true",
+                   help="score held-out renders after the VAE's encode/decode instead (the ceiling for samplers)")
     p.add_argument("--out", help="also write the Markdown table here")
     p.set_defaults(func=cmd_eval_adherence)
 
