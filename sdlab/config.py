@@ -325,7 +325,8 @@ SHAPES = ModelConfig(
         num_heads=(4, 4, 4),
         cross_attention_dim=128,
     ),
-    vae=VAEConfig(block_out_channels=(32, 64, 128), layers_per_block=1, scaling_factor=1.0),  # 64 px -> 16x16x4
+    # 8 groups: at 32 channels, 32 groups would normalise each channel alone and wash out flat colours
+    vae=VAEConfig(block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8, scaling_factor=1.0),
     text=(TextConditioner(SHAPES_TEXT, PAD_WITH_EOS),),
     default_size=64,
 )
