@@ -233,10 +233,17 @@ def _pad_id(tokenizer_dir: Path, default: int) -> int:
     return {"<|endoftext|>": 49407, "!": 0, None: default}.get(pad, default)
 
 
-def model_config_from_diffusers(folder: Path) -> tuple[ModelConfig, dict]:
+def text_components(folder: Path) -> list[str]:
+    """The text encoders model_index.json names (not null) and the folder holds, in config order."""
     index = _read_json(folder / "model_index.json")
-    present = [n for n in TEXT_COMPONENTS if (index.get(n) or [None])[0] and (folder / n).is_dir()]
-    unet = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
+    return [n for n in TEXT_COMPONENTS if (index.get(n) or [None])[0] and (folder / n).is_dir()]
+
+
+def model_config_from_diffusers(folder: Path) -> tuple[ModelConfig, dict]:
+    present = text_components(folder)
+    index = _read_json(folder / "model_index.json")
+    unet_json = _read_json(folder / "unet" / "config.json")
+    unet = unet_config_from_diffusers(unet_json)
     vae = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
     encoders = [text_encoder_config_from_diffusers(_read_json(folder / n / "config.json")) for n in present]
     if present == ["text_encoder", "text_encoder_2"]:
@@ -262,7 +269,7 @@ def model_config_from_diffusers(folder: Path) -> tuple[ModelConfig, dict]:
         vae=vae,
         text=tuple(text),
         schedule=_schedule_from_diffusers(scheduler),
-        default_size=int(_read_json(folder / "unet" / "config.json").get("sample_size", 64)) * vae.downscale,
+        default_size=int(unet_json.get("sample_size", 64)) * vae.downscale,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
         requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
     )
@@ -275,7 +282,7 @@ def load_diffusers(folder: Path, *, dtype=torch.float32, device="cpu", variant: 
     unet = build(lambda: UNet(cfg.unet), unet_state, f"{folder / 'unet'}")
     vae_state = vae_from_diffusers(_component_state(folder / "vae", variant, dtype, device), cfg.vae)
     vae = build(lambda: AutoencoderKL(cfg.vae), vae_state, f"{folder / 'vae'}")
-    names = [n for n in TEXT_COMPONENTS if (folder / n).is_dir() and (_read_json(folder / "model_index.json").get(n) or [None])[0]]
+    names = text_components(folder)
     encoders = tuple(
         build(
             lambda: CLIPTextModel(spec.encoder),
