@@ -364,3 +364,54 @@ def from_dict(cls: type[T], data: dict) -> T:
             value = tuple(from_dict(item, v) if is_dataclass(item) else v for v in value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+# --- ControlNet ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """ControlNet (Zhang et al. 2023, ldm `cldm.ControlNet`): a copy of the U-Net's encoder that
+    also sees a hint image and returns one residual per U-Net skip connection plus one for the middle."""
+
+    unet: UNetConfig  # the copied encoder; decoder-only fields (out_channels) are unused
+    family: Family  # the base models it steers
+    hint_channels: int = 3  # the hint is an RGB image in [0, 1]
+    hint_embedding_channels: tuple[int, ...] = (16, 32, 96, 256)  # hint encoder widths; each after the first halves H, W
+    global_pool_conditions: bool = False  # residuals averaged over H, W (v1.1 "shuffle" ControlNet)
+
+    @property
+    def hint_downscale(self) -> int:
+        """Hint pixels per latent pixel: the VAE's downscale for the models this ControlNet steers."""
+        return 2 ** (len(self.hint_embedding_channels) - 1)
+
+
+def family_of(unet: UNetConfig) -> Family:
+    """The family a U-Net encoder belongs to, from its architecture alone: SDXL's added (label)
+    embedding, else SD2's linear transformer projections, else SD1."""
+    if unet.addition_embed_dim is not None:
+        return "sdxl"
+    return "sd2" if unet.use_linear_projection else "sd1"
+
+
+def controlnet_for(model: ModelConfig, **changes) -> ControlNetConfig:
+    """The ControlNet config matching a model preset's U-Net."""
+    return ControlNetConfig(unet=model.unet, family=model.family, **changes)
+
+
+_TINY_HINT = (8, 16)  # the tiny VAEs downscale by 2, so one halving
+CONTROLNET_PRESETS: dict[str, ControlNetConfig] = {
+    "controlnet-sd15": controlnet_for(PRESETS["sd15"]),
+    "controlnet-sd21": controlnet_for(PRESETS["sd21"]),
+    "controlnet-sdxl": controlnet_for(PRESETS["sdxl"]),
+    "tiny-controlnet-sd1": controlnet_for(PRESETS["tiny-sd1"], hint_embedding_channels=_TINY_HINT),
+    "tiny-controlnet-sd2": controlnet_for(PRESETS["tiny-sd2"], hint_embedding_channels=_TINY_HINT),
+    "tiny-controlnet-sdxl": controlnet_for(PRESETS["tiny-sdxl"], hint_embedding_channels=_TINY_HINT),
+}
+
+
+def controlnet_preset(name: str) -> ControlNetConfig:
+    """The named ControlNet preset; a clear error lists the known names."""
+    try:
+        return CONTROLNET_PRESETS[name]
+    except KeyError:
+        known = ", ".join(sorted(CONTROLNET_PRESETS))
+        raise SdlabError(f"unknown ControlNet preset {name!r}; known presets: {known}") from None

@@ -10,19 +10,24 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sdlab.config import from_dict
 from sdlab.errors import CheckpointError
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 KeyFilter = Callable[[str], bool]
+C = TypeVar("C")
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -171,3 +176,32 @@ def any_key(keys: Iterable[str], prefix: str) -> bool:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+@contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """Write a new folder's files into the yielded temporary folder beside it; it becomes `folder` in one
+    rename when the block succeeds and is removed when it fails. `folder` must not exist or be empty."""
+    if folder.exists() and any(folder.iterdir()):
+        raise CheckpointError(f"{folder}: exists and is not empty; choose a new folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def config_from_metadata(cls: type[C], extras: Mapping[str, str], key: str, source: str) -> C | None:
+    """The config dataclass sdlab stored as JSON under `key` of a file's metadata, or None if absent."""
+    raw = extras.get(key)
+    if not raw:
+        return None
+    try:
+        return from_dict(cls, json.loads(raw))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: unreadable '{key}' metadata ({e})") from None

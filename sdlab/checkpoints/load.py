@@ -31,7 +31,6 @@ from sdlab.config import (
     ScheduleConfig,
     TextConditioner,
     TokenizerConfig,
-    from_dict,
     preset,
 )
 from sdlab.errors import CheckpointError
@@ -140,7 +139,7 @@ def load_single_file(
     state, extras = formats.read_weights(path, dtype=dtype, device=device)
     detection = det.detect(state, source=source, extras=extras, path=path)
     det.prefer_ema(state)
-    cfg = config or _config_from_metadata(extras, source) or _preset_for(detection)
+    cfg = config or formats.config_from_metadata(ModelConfig, extras, CONFIG_METADATA_KEY, source) or _preset_for(detection)
     if cfg.family != detection.family:
         raise CheckpointError(
             f"{source}: this is an {detection.family} checkpoint, but the {cfg.name} config ({cfg.family}) was asked for"
@@ -164,16 +163,6 @@ def load_single_file(
     if len(encoders) != len(cfg.text):
         raise CheckpointError(f"{source}: the text encoder is missing; sdlab needs a full checkpoint")
     return Components(cfg, unet, vae, tuple(encoders), _tokenizers(cfg), source, _schedule_to_diffusers(cfg))
-
-
-def _config_from_metadata(extras: Mapping, source: str) -> ModelConfig | None:
-    raw = extras.get(CONFIG_METADATA_KEY)
-    if not raw:
-        return None
-    try:
-        return from_dict(ModelConfig, json.loads(raw))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{source}: unreadable '{CONFIG_METADATA_KEY}' metadata ({e})") from None
 
 
 def _preset_for(d: det.Detection) -> ModelConfig:

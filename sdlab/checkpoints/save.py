@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -103,13 +101,9 @@ def _write_component(folder: Path, config: dict, weights: dict[str, torch.Tensor
 def save_diffusers(comps: Components, folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
     """A folder diffusers' `from_pretrained` reads: model_index.json and one subfolder per component."""
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise CheckpointError(f"{folder}: exists and is not empty; choose a new folder")
     dtype = formats.parse_dtype(dtype)
     cfg = comps.config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with formats.atomic_folder(folder) as tmp:
         formats.write_json(tmp / "model_index.json", _model_index(comps))
         unet_cfg = {
             "_class_name": "UNet2DConditionModel",
@@ -123,10 +117,4 @@ def save_diffusers(comps: Components, folder: str | os.PathLike, dtype: torch.dt
             _write_component(tmp / name, text_encoder_config_to_diffusers(spec.encoder), _state(encoder, dtype), "model")
             write_transformers_files(tmp / name.replace("text_encoder", "tokenizer"), spec.tokenizer)
         formats.write_json(tmp / "scheduler" / "scheduler_config.json", comps.scheduler_config)
-        if folder.exists():
-            folder.rmdir()
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder

@@ -8,6 +8,9 @@ original checkpoint loads with no key map:
     middle_block.{0: ResBlock, 1: SpatialTransformer, 2: ResBlock}
     output_blocks.N.{0: ResBlock, 1: SpatialTransformer, 1|2: Upsample (.conv)}
     out.{0: GroupNorm, 2: conv}, time_embed.{0, 2}, label_emb.0.{0, 2} (SDXL)
+
+`UNetEncoder` builds and runs everything up to the middle block; the U-Net adds the decoder
+half, the ControlNet (models/controlnet.py) its hint encoder and zero convolutions.
 """
 
 from __future__ import annotations
@@ -60,12 +63,16 @@ def _mlp(in_dim: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
 
-class UNet(nn.Module):
-    """eps/v prediction network: (noisy latents, timesteps, text context[, adm y]) -> (B, Cout, H, W)."""
+ENCODER_MODULES = ("time_embed", "label_emb", "input_blocks", "middle_block")  # UNetEncoder's children
+
+
+class UNetEncoder(nn.Module):
+    """The U-Net's encoder half, shared by the U-Net and the ControlNet: time (and SDXL label)
+    embedding, `input_blocks` down to the lowest resolution, and `middle_block`."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        self.cfg = cfg
+        self.unet_cfg = cfg
         ch = cfg.block_out_channels
         emb_dim = cfg.time_embed_dim
         self.time_embed = _mlp(ch[0], emb_dim)
@@ -73,19 +80,93 @@ class UNet(nn.Module):
             self.label_emb = nn.Sequential(_mlp(cfg.addition_embed_dim, emb_dim))
 
         self.input_blocks = nn.ModuleList([ConditionedSequential(nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1))])
-        skip_channels = [ch[0]]  # channels of every input block's output, in order
+        self.skip_channels = [ch[0]]  # channels of every input block's output, in order
         c = ch[0]
         for level, out in enumerate(ch):
             for _ in range(cfg.layers_per_block):
                 self.input_blocks.append(ConditionedSequential(*self._res_attn(c, out, level)))
                 c = out
-                skip_channels.append(c)
+                self.skip_channels.append(c)
             if level != len(ch) - 1:
                 self.input_blocks.append(ConditionedSequential(Downsample(c)))
-                skip_channels.append(c)
+                self.skip_channels.append(c)
 
         self.middle_block = ConditionedSequential(self._res(c, c), self._transformer(c, len(ch) - 1), self._res(c, c))
 
+    def _res(self, in_channels: int, out_channels: int) -> ResBlock:
+        cfg = self.unet_cfg
+        return ResBlock(in_channels, out_channels, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps)
+
+    def _transformer(self, channels: int, level: int) -> SpatialTransformer:
+        cfg = self.unet_cfg
+        return SpatialTransformer(
+            channels,
+            cfg.num_heads[level],
+            cfg.transformer_depth[level],
+            cfg.cross_attention_dim,
+            cfg.use_linear_projection,
+            cfg.norm_num_groups,
+            cfg.upcast_attention,
+        )
+
+    def _res_attn(self, in_channels: int, out_channels: int, level: int) -> list[nn.Module]:
+        """A ResBlock, followed by a SpatialTransformer on levels with attention."""
+        layers: list[nn.Module] = [self._res(in_channels, out_channels)]
+        if self.unet_cfg.attention[level]:
+            layers.append(self._transformer(out_channels, level))
+        return layers
+
+    def _check_y(self, y: Tensor | None, batch: int) -> None:
+        expected = self.unet_cfg.addition_embed_dim
+        if expected is None and y is not None:
+            raise SdlabError("this U-Net has no added (SDXL) conditioning; call it without y")
+        if expected is not None and (y is None or tuple(y.shape) != (batch, expected)):
+            found = None if y is None else tuple(y.shape)
+            raise SdlabError(
+                f"this SDXL U-Net needs y of shape ({batch}, {expected}), got {found};"
+                " build it with added_condition(pooled, time_ids, cfg)"
+            )
+
+    def time_embedding(self, timesteps: Tensor | float, x: Tensor, y: Tensor | None) -> Tensor:
+        """(B,) or scalar timesteps [+ adm y (B, addition_embed_dim)] -> (B, time_embed_dim), in x's dtype."""
+        cfg = self.unet_cfg
+        batch = x.shape[0]
+        self._check_y(y, batch)
+        t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(batch)  # (B,)
+        sinusoid = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = self.time_embed(sinusoid.to(x.dtype))  # (B, time_embed_dim)
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        return emb
+
+    def encode(
+        self, x: Tensor, emb: Tensor, context: Tensor, added: Tensor | None = None
+    ) -> tuple[list[Tensor], Tensor]:
+        """Every input block's output (the skips) and the middle block's output.
+
+        `added` (B, C0, H, W), when given, is added to the first block's (conv_in's) output:
+        the ControlNet's hint.
+        """
+        h = self.input_blocks[0](x, emb, context)  # (B, C0, H, W)
+        if added is not None:
+            h = h + added
+        skips = [h]
+        for block in self.input_blocks[1:]:
+            h = block(h, emb, context)  # (B, C_level, H / 2**level, W / 2**level)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)  # (B, C_last, H / 2**(levels-1), W / 2**(levels-1))
+        return skips, h
+
+
+class UNet(UNetEncoder):
+    """eps/v prediction network: (noisy latents, timesteps, text context[, adm y]) -> (B, Cout, H, W)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg)
+        self.cfg = cfg
+        ch = cfg.block_out_channels
+        skip_channels = list(self.skip_channels)
+        c = ch[-1]
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(ch))):
             out = ch[level]
@@ -102,52 +183,6 @@ class UNet(nn.Module):
             nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1),
         )
 
-    def _res(self, in_channels: int, out_channels: int) -> ResBlock:
-        cfg = self.cfg
-        return ResBlock(in_channels, out_channels, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps)
-
-    def _transformer(self, channels: int, level: int) -> SpatialTransformer:
-        cfg = self.cfg
-        return SpatialTransformer(
-            channels,
-            cfg.num_heads[level],
-            cfg.transformer_depth[level],
-            cfg.cross_attention_dim,
-            cfg.use_linear_projection,
-            cfg.norm_num_groups,
-            cfg.upcast_attention,
-        )
-
-    def _res_attn(self, in_channels: int, out_channels: int, level: int) -> list[nn.Module]:
-        """A ResBlock, followed by a SpatialTransformer on levels with attention."""
-        layers: list[nn.Module] = [self._res(in_channels, out_channels)]
-        if self.cfg.attention[level]:
-            layers.append(self._transformer(out_channels, level))
-        return layers
-
-    def _check_y(self, y: Tensor | None, batch: int) -> None:
-        expected = self.cfg.addition_embed_dim
-        if expected is None and y is not None:
-            raise SdlabError("this U-Net has no added (SDXL) conditioning; call it without y")
-        if expected is not None and (y is None or tuple(y.shape) != (batch, expected)):
-            found = None if y is None else tuple(y.shape)
-            raise SdlabError(
-                f"this SDXL U-Net needs y of shape ({batch}, {expected}), got {found};"
-                " build it with added_condition(pooled, time_ids, cfg)"
-            )
-
-    def time_embedding(self, timesteps: Tensor | float, x: Tensor, y: Tensor | None) -> Tensor:
-        """(B,) or scalar timesteps [+ adm y (B, addition_embed_dim)] -> (B, time_embed_dim), in x's dtype."""
-        cfg = self.cfg
-        batch = x.shape[0]
-        self._check_y(y, batch)
-        t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(batch)  # (B,)
-        sinusoid = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = self.time_embed(sinusoid.to(x.dtype))  # (B, time_embed_dim)
-        if y is not None:
-            emb = emb + self.label_emb(y.to(emb.dtype))
-        return emb
-
     def forward(
         self,
         x: Tensor,
@@ -158,13 +193,7 @@ class UNet(nn.Module):
     ) -> Tensor:
         """x (B, Cin, H, W), timesteps (B,) or scalar, context (B, L, cross_attention_dim) -> (B, Cout, H, W)."""
         emb = self.time_embedding(timesteps, x, y)  # (B, time_embed_dim)
-
-        skips: list[Tensor] = []
-        h = x
-        for block in self.input_blocks:
-            h = block(h, emb, context)  # (B, C_level, H / 2**level, W / 2**level)
-            skips.append(h)
-        h = self.middle_block(h, emb, context)  # (B, C_last, H / 2**(levels-1), W / 2**(levels-1))
+        skips, h = self.encode(x, emb, context)
 
         if control is not None:
             skips, h = self._add_control(skips, h, control)

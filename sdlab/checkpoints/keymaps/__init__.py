@@ -6,12 +6,18 @@ transformers CLIP names; each submodule here maps one other layout onto those.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from functools import lru_cache
 from typing import TypeVar
+
+import torch
+from torch import nn
 
 from sdlab.errors import CheckpointError, shorten
 
 T = TypeVar("T")
+C = TypeVar("C", bound=Hashable)
+Pairs = Sequence[tuple[str, str]]  # (our name, their name)
 
 
 def rename(state: Mapping[str, T], mapping: Mapping[str, str], *, source: str) -> dict[str, T]:
@@ -50,3 +56,27 @@ def check_shapes(state: Mapping[str, object], expected: Mapping[str, tuple[int, 
         parts.append(f"{len(wrong)} shapes differ ({shorten(wrong, 3)})")
     if parts:
         raise CheckpointError(f"{source}: {'; '.join(parts)}")
+
+
+def meta_shapes(factory: Callable[[C], nn.Module], cfg: C) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape under our names, read off `factory(cfg)` built on the meta device."""
+    return dict(_meta_shapes(factory, cfg))
+
+
+@lru_cache(maxsize=32)
+def _meta_shapes(factory: Callable[[C], nn.Module], cfg: C) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = factory(cfg)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def from_theirs(state: Mapping[str, T], pairs: Pairs, shapes: Mapping[str, tuple[int, ...]], *, source: str) -> dict[str, T]:
+    """Their names -> ours; every key and shape checked (against ours, `shapes`) before anything is renamed."""
+    check_shapes(state, {theirs: shapes[ours] for ours, theirs in pairs}, source=source)
+    return rename(state, {theirs: ours for ours, theirs in pairs}, source=source)
+
+
+def to_theirs(state: Mapping[str, T], pairs: Pairs, shapes: Mapping[str, tuple[int, ...]], *, source: str) -> dict[str, T]:
+    """Our names -> theirs; every key and shape checked first."""
+    check_shapes(state, shapes, source=source)
+    return rename(state, dict(pairs), source=source)

@@ -22,12 +22,9 @@ inside a transformer the names are the same on both sides.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any, TypeVar
 
-import torch
-
-from sdlab.checkpoints.keymaps import check_shapes, rename
+from sdlab.checkpoints.keymaps import from_theirs, meta_shapes, to_theirs
 from sdlab.config import UNetConfig
 from sdlab.errors import CheckpointError
 from sdlab.models.unet import UNet
@@ -111,28 +108,17 @@ def unet_key_pairs(cfg: UNetConfig) -> list[tuple[str, str]]:
 
 def unet_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's shape in sdlab/ldm names, read off a U-Net built on the meta device."""
-    return dict(_meta_shapes(cfg))
-
-
-@lru_cache(maxsize=16)
-def _meta_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = UNet(cfg)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return meta_shapes(UNet, cfg)
 
 
 def unet_from_diffusers(state: Mapping[str, T], cfg: UNetConfig) -> dict[str, T]:
     """A diffusers UNet2DConditionModel state dict in sdlab/ldm names; keys and shapes checked first."""
-    pairs = unet_key_pairs(cfg)
-    shapes = unet_shapes(cfg)
-    check_shapes(state, {theirs: shapes[ours] for ours, theirs in pairs}, source="diffusers UNet")
-    return rename(state, {theirs: ours for ours, theirs in pairs}, source="diffusers UNet")
+    return from_theirs(state, unet_key_pairs(cfg), unet_shapes(cfg), source="diffusers UNet")
 
 
 def unet_to_diffusers(state: Mapping[str, T], cfg: UNetConfig) -> dict[str, T]:
     """An sdlab/ldm U-Net state dict in diffusers UNet2DConditionModel names; keys and shapes checked first."""
-    check_shapes(state, unet_shapes(cfg), source="sdlab UNet")
-    return rename(state, dict(unet_key_pairs(cfg)), source="sdlab UNet")
+    return to_theirs(state, unet_key_pairs(cfg), unet_shapes(cfg), source="sdlab UNet")
 
 
 # --- config.json ------------------------------------------------------------------------------

@@ -22,10 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from sdlab.checkpoints.keymaps import check_shapes, rename
+from sdlab.checkpoints.keymaps import check_shapes, meta_shapes, rename
 from sdlab.config import VAEConfig
 from sdlab.errors import CheckpointError, shorten
 from sdlab.models.vae import AutoencoderKL
@@ -102,9 +101,7 @@ def vae_diffusers_names(cfg: VAEConfig, *, legacy_attention: bool = False) -> di
 
 def vae_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's shape under our names (read off a model built on the meta device)."""
-    with torch.device("meta"):
-        model = AutoencoderKL(cfg)
-    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    return meta_shapes(AutoencoderKL, cfg)
 
 
 def vae_diffusers_shapes(cfg: VAEConfig, *, legacy_attention: bool = False) -> dict[str, tuple[int, ...]]:
