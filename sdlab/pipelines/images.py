@@ -1,4 +1,4 @@
-"""Pixels in and out: decoded tensors -> PIL images, and PNG files written atomically with their text chunks."""
+"""Pixels in and out: image files -> PIL -> tensors and back, and PNG files written atomically with their text chunks."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from sdlab.errors import SdlabError
+
+BACKGROUND = (255, 255, 255)  # transparent pixels are flattened onto white, as A1111's img2img_background_color
+LATENT_FACTOR = 8  # pixels per latent cell: encoded images need sides that are multiples of it
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -59,3 +62,35 @@ def read_png_text(path: str | os.PathLike) -> dict[str, str]:
         raise SdlabError(f"{path}: no such file") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise SdlabError(f"{path}: not a readable image ({e})") from None
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """An image file -> RGB, turned upright by its EXIF orientation, transparency flattened onto white."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im.load()
+    except FileNotFoundError:
+        raise SdlabError(f"{path}: no such file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise SdlabError(f"{path}: not a readable image ({e})") from None
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        flat = Image.new("RGBA", im.size, BACKGROUND + (255,))
+        flat.alpha_composite(im)
+        return flat.convert("RGB")
+    return im.convert("RGB")
+
+
+def image_to_tensor(image: Image.Image, multiple: int = LATENT_FACTOR) -> torch.Tensor:
+    """RGB image -> (1, 3, H, W) float32 in [-1, 1], as diffusers' VaeImageProcessor.preprocess (x / 255 · 2 - 1).
+
+    The sides must already be multiples of `multiple` (the VAE's downscale); resizing is the caller's choice.
+    """
+    if image.width % multiple or image.height % multiple:
+        raise SdlabError(
+            f"image is {image.width}x{image.height}; width and height must be multiples of {multiple} "
+            "(resize or crop it first)"
+        )
+    x = np.asarray(image.convert("RGB")).astype(np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())[None] * 2.0 - 1.0  # (1, 3, H, W)
