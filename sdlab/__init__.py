@@ -13,3 +13,12 @@ def load(model=None, **options):
     from sdlab.api import load as _load
 
     return _load(model, **options)
+
+
+def __getattr__(name: str):
+    """`sdlab.Control` (a ControlNet for a run) without importing torch at `import sdlab`."""
+    if name == "Control":
+        from sdlab.api import Control
+
+        return Control
+    raise AttributeError(f"module 'sdlab' has no attribute {name!r}")

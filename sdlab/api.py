@@ -1,8 +1,12 @@
-"""The Python API: `sdlab.load(...)` once, then `pipe.generate(prompt, ...)` as often as you like.
+"""The Python API: `sdlab.load(...)` once, then make images as often as you like.
 
     pipe = sdlab.load("path/to/model.safetensors")
     images = pipe.generate("a red circle on a blue background", steps=20, seed=1)
-    images[0].save("out.png", pnginfo=...)   # or sdlab.api.save(images, "out/")
+    images = pipe.img2img("in.png", "a red circle", strength=0.6)
+    images = pipe.inpaint("in.png", "mask.png", "a red circle", only_masked=True)
+    images = pipe.outpaint("in.png", "a red circle", extend=(64, 0, 64, 0))
+    images = pipe.generate("a house", control=[sdlab.Control("canny-controlnet/", "edges.png", preprocess="canny")])
+    sdlab.api.save(images, "out/")
 
 Every image carries AUTOMATIC1111's `parameters` text and sdlab's JSON record in `image.info`.
 """
@@ -13,6 +17,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +29,42 @@ from sdlab.checkpoints import formats
 from sdlab.checkpoints.load import component_weights_file, load as load_components
 from sdlab.diffusion.samplers import display_name
 from sdlab.errors import SdlabError
-from sdlab.pipelines.images import read_png_text, save_png
+from sdlab.models.controlnet import ControlNet
+from sdlab.pipelines.edit import ControlInput, make_images
+from sdlab.pipelines.images import load_image, read_png_text, save_png
+from sdlab.pipelines.masks import extend_canvas
 from sdlab.pipelines.metadata import PARAMETERS_KEY, RECORD_KEY, format_parameters
-from sdlab.pipelines.settings import Settings
-from sdlab.pipelines.txt2img import Text2Image
+from sdlab.pipelines.runner import PreviewCallback, Runner
+from sdlab.pipelines.settings import ControlSettings, Settings
 
 HASH_CACHE = Path(os.environ.get("SDLAB_CACHE", Path.home() / ".cache" / "sdlab")) / "hashes.json"
 SCHEDULE_NAMES = {"default": None, "karras": "Karras", "exponential": "Exponential"}
+FILL_NAMES = {"fill": "fill", "original": "original", "noise": "latent noise", "nothing": "latent nothing"}
+ImageLike = Image.Image | str | os.PathLike
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet for a run: the network (a path or repo id), the image that steers it, and how."""
+
+    model: str | os.PathLike
+    image: ImageLike
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: str = "none"  # "canny" draws edges from the image; "none" uses it as the hint
+    guess_mode: bool = False
+
+    def settings(self) -> ControlSettings:
+        return ControlSettings(str(self.model), self.strength, self.start, self.end, self.preprocess, self.guess_mode)
+
+
+def _image(image: ImageLike, what: str = "image") -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    raise SdlabError(f"{what} must be a PIL image or a file path, got {type(image).__name__}")
 
 
 DEFAULT_MODEL = "shapes-64.safetensors"  # trained by `sdlab train` (README), shipped as package data
@@ -85,35 +119,103 @@ def model_info(source: Path) -> ModelInfo:
 
 
 class Pipeline:
-    """A loaded model: `generate` returns PIL images with their metadata in `image.info`."""
+    """A loaded model: each method returns PIL images with their metadata in `image.info`.
 
-    def __init__(self, runner: Text2Image, info: ModelInfo, refiner: tuple[Text2Image, ModelInfo] | None = None):
+    Options are the CLI's long names: negative, steps, guidance, sampler, schedule, width, height, seed,
+    batch, clip_skip, guidance_rescale, eta, tiling, refiner_switch (with a refiner loaded); for edits
+    also mask_blur, fill, only_masked, padding, composite. Width and height of an edit default to the
+    image's size (rounded down to a multiple of 8)."""
+
+    def __init__(self, runner: Runner, info: ModelInfo, refiner: tuple[Runner, ModelInfo] | None = None):
         self.runner = runner
         self.info = info
         self.config = runner.config
         self.refiner = refiner
+        self._controlnets: dict[str, tuple[ControlNet, ModelInfo]] = {}
 
     def generate(
-        self, prompt: str, *, on_step: Callable[[int, int], None] | None = None, **options
+        self, prompt: str, *, control: Sequence[Control] = (), on_step: Callable[[int, int], None] | None = None,
+        **options,
     ) -> list[Image.Image]:
-        """Options are the CLI's long names: negative, steps, guidance, sampler, schedule, width, height,
-        seed, batch, clip_skip, guidance_rescale, eta, refiner_switch (with a refiner loaded)."""
-        try:
-            settings = Settings(prompt=prompt, **options)
-        except TypeError as e:
-            raise SdlabError(f"generate(): {e}") from None
-        return self.run(settings.resolved(self.config), on_step)
+        settings = _settings(prompt, options, control)
+        return self.run(settings.resolved(self.config), on_step, control_images=_control_images(control))
 
-    def run(self, settings: Settings, on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
-        images = []
+    def img2img(
+        self, image: ImageLike, prompt: str, *, strength: float = 0.75, control: Sequence[Control] = (),
+        on_step: Callable[[int, int], None] | None = None, **options,
+    ) -> list[Image.Image]:
+        """Redraw `image` following `prompt`: strength 0 keeps it, 1 ignores it."""
+        return self._edit(_image(image), None, prompt, strength, control, on_step, options)
+
+    def inpaint(
+        self, image: ImageLike, mask: ImageLike, prompt: str, *, strength: float = 1.0,
+        control: Sequence[Control] = (), on_step: Callable[[int, int], None] | None = None, **options,
+    ) -> list[Image.Image]:
+        """Repaint where `mask` is white (same size as the image); the rest is kept."""
+        return self._edit(_image(image), _image(mask, "mask"), prompt, strength, control, on_step, options)
+
+    def outpaint(
+        self, image: ImageLike, prompt: str, *, extend: tuple[int, int, int, int], fill: str = "edge",
+        overlap: int = 8, strength: float = 1.0, control: Sequence[Control] = (),
+        on_step: Callable[[int, int], None] | None = None, **options,
+    ) -> list[Image.Image]:
+        """Grow the canvas by (left, top, right, bottom) pixels (sides rounded up to multiples of 8) and paint
+        the new area, starting from the edge colours ("edge"), the surrounding colours ("fill") or noise."""
+        if len(extend) != 4:
+            raise SdlabError(f"extend needs 4 numbers (left, top, right, bottom), got {len(extend)}")
+        seed = options.get("seed")
+        canvas, mask = extend_canvas(_image(image), *extend, fill=fill, seed=0 if seed is None else seed, overlap_px=overlap)
+        return self._edit(canvas, mask, prompt, strength, control, on_step, options)
+
+    def _edit(self, image, mask, prompt, strength, control, on_step, options) -> list[Image.Image]:
+        f = self.config.vae.downscale
+        for side, value in (("width", image.width), ("height", image.height)):
+            if options.get(side) is None:
+                if value < f:
+                    raise SdlabError(f"the image is {image.width}x{image.height}; it needs at least {f} pixels a side")
+                options[side] = value - value % f
+        settings = _settings(prompt, {**options, "strength": strength}, control).resolved(self.config)
+        return self.run(settings, on_step, image=image, mask=mask, control_images=_control_images(control))
+
+    def run(
+        self, settings: Settings, on_step: Callable[[int, int], None] | None = None, *,
+        image: Image.Image | None = None, mask: Image.Image | None = None,
+        control_images: Sequence[Image.Image] = (), on_preview: PreviewCallback | None = None,
+    ) -> list[Image.Image]:
+        """Make the images of resolved `settings`; `image`/`mask` for edits, one control image per ControlNet.
+        `on_step(done, total)` and `on_preview(x̂0 latents)` hear every step (`self.runner.decode` turns
+        latents into a picture); an exception raised in either stops the run and propagates."""
+        if settings.strength is not None and image is None:
+            raise SdlabError("these settings edit an image (they have a strength); pass the image")
+        if mask is not None and image is None:
+            raise SdlabError("a mask needs an image to inpaint")
+        if len(control_images) != len(settings.control):
+            raise SdlabError(f"{len(settings.control)} ControlNets but {len(control_images)} control images")
+        controls = tuple(
+            ControlInput(self._controlnet(c.model), im, c) for c, im in zip(settings.control, control_images)
+        )
         refiner = None if self.refiner is None else self.refiner[0]
-        for seed, image in self.runner.generate_images(settings, on_step, refiner):
+        made = make_images(self.runner, settings, on_step, refiner, image=image, mask=mask, controls=controls,
+                           on_preview=on_preview)
+        images = []
+        for seed, result in made:
             one = Settings.from_dict({**settings.to_dict(), "seed": seed, "batch": 1})
-            image.info.update(self.metadata(one))
-            images.append(image)
+            result.info.update(self.metadata(one, masked=mask is not None))
+            images.append(result)
         return images
 
-    def metadata(self, s: Settings) -> dict[str, str]:
+    def _controlnet(self, source: str) -> ControlNet:
+        """A ControlNet loaded once per pipeline, checked against the model it steers."""
+        from sdlab.checkpoints.controlnet import load_controlnet
+
+        if source not in self._controlnets:
+            family = self.config.family if self.config.family in ("sd1", "sd2", "sdxl") else None
+            net = load_controlnet(source, dtype=self.runner.dtype, device=self.runner.device, family_hint=family)
+            check_controlnet(net, self.config, source)
+            self._controlnets[source] = (net, controlnet_info(source))
+        return self._controlnets[source][0]
+
+    def metadata(self, s: Settings, masked: bool = False) -> dict[str, str]:
         pairs = {
             "Steps": s.steps,
             "Sampler": display_name(s.sampler),
@@ -123,9 +225,16 @@ class Pipeline:
             "Size": f"{s.width}x{s.height}",
             "Model hash": self.info.short_hash,
             "Model": self.info.name,
+            "Denoising strength": None if s.strength is None else f"{s.strength:g}",
             "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
+            "Tiling": True if s.tiling else None,
+            "Mask blur": s.mask_blur if masked else None,
+            "Masked content": FILL_NAMES[s.fill] if masked else None,
+            "Inpaint area": "Only masked" if masked and s.only_masked else None,
+            "Masked area padding": s.padding if masked and s.only_masked else None,
             "CFG rescale": f"{s.guidance_rescale:g}" if s.guidance_rescale else None,
             "Eta": s.eta,
+            **{f"ControlNet {i}": self._control_text(c) for i, c in enumerate(s.control)},
             "Refiner": None if self.refiner is None else f"{self.refiner[1].name} [{self.refiner[1].short_hash}]",
             "Refiner switch at": None if self.refiner is None else s.refiner_switch,
             "Version": f"sdlab {__version__}",
@@ -134,11 +243,53 @@ class Pipeline:
             "settings": s.to_dict(),
             "model": _identity(self.info),
             "refiner": None if self.refiner is None else _identity(self.refiner[1]),
+            "controlnets": [_identity(self._controlnets[c.model][1]) for c in s.control if c.model in self._controlnets],
             "dtype": formats.dtype_name(self.runner.dtype),
             "device": str(self.runner.device),
             "sdlab": __version__,
         }
         return {PARAMETERS_KEY: format_parameters(s.prompt, s.negative, pairs), RECORD_KEY: json.dumps(record)}
+
+    def _control_text(self, c: ControlSettings) -> str:
+        """As the sd-webui-controlnet extension writes its units (one quoted value)."""
+        info = self._controlnets.get(c.model, (None, None))[1]
+        name = Path(c.model).stem if info is None else f"{info.name} [{info.short_hash}]"
+        mode = "My prompt is more important" if c.guess_mode else "Balanced"
+        return (f"Module: {c.preprocess}, Model: {name}, Weight: {c.strength:g}, Guidance Start: {c.start:g}, "
+                f"Guidance End: {c.end:g}, Control Mode: {mode}")
+
+
+def _settings(prompt: str, options: dict, control: Sequence[Control]) -> Settings:
+    try:
+        return Settings(prompt=prompt, control=tuple(c.settings() for c in control), **options)
+    except TypeError as e:
+        raise SdlabError(f"{e}".replace("__init__()", "option")) from None
+
+
+def _control_images(control: Sequence[Control]) -> list[Image.Image]:
+    return [_image(c.image, "control image") for c in control]
+
+
+def check_controlnet(net: ControlNet, config, source: str) -> None:
+    """A ControlNet steers only U-Nets of its own shape: same family, context width and channels."""
+    ours, theirs = config.unet, net.cfg.unet
+    if (theirs.cross_attention_dim, theirs.block_out_channels, theirs.addition_embed_dim) != (
+        ours.cross_attention_dim, ours.block_out_channels, ours.addition_embed_dim
+    ):
+        raise SdlabError(
+            f"{source}: a ControlNet for {net.cfg.family} models (context width {theirs.cross_attention_dim}, "
+            f"channels {list(theirs.block_out_channels)}) cannot steer this {config.family} model "
+            f"(context width {ours.cross_attention_dim}, channels {list(ours.block_out_channels)})"
+        )
+
+
+def controlnet_info(source: str) -> ModelInfo:
+    path = Path(source)
+    if path.is_dir():
+        return ModelInfo(path.name, file_sha256(component_weights_file(path, None)), source)
+    if path.is_file():
+        return model_info(path)
+    return ModelInfo(source, "", source)  # a repo id: the loader fetched it
 
 
 def _identity(info: ModelInfo) -> dict:
@@ -176,11 +327,11 @@ def load(
     return Pipeline(*base, second)
 
 
-def _runner(source, device: torch.device, dtype: torch.dtype, **options) -> tuple[Text2Image, ModelInfo]:
+def _runner(source, device: torch.device, dtype: torch.dtype, **options) -> tuple[Runner, ModelInfo]:
     comps = load_components(source, dtype=dtype, device=device, **options)
     if dtype == torch.float16 and comps.config.vae.force_upcast:
         comps.vae.float()  # the SD VAE overflows in fp16; diffusers upcasts it the same way
-    return Text2Image(comps, device, dtype), model_info(Path(comps.source))
+    return Runner(comps, device, dtype), model_info(Path(comps.source))
 
 
 def save(images: list[Image.Image], out: str | os.PathLike, stem: str = "sdlab") -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,42 +84,183 @@ class _Progress:
             self.bar.close()
 
 
+GENERATION_OPTIONS = ("negative", "steps", "guidance", "sampler", "schedule", "width", "height", "seed", "batch",
+                      "clip_skip", "guidance_rescale", "eta", "refiner_switch", "tiling")
+EDIT_OPTIONS = ("strength", "mask_blur", "fill", "only_masked", "padding", "composite")
+
+
+def _options(args: argparse.Namespace, names: Sequence[str]) -> dict:
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def _controls(args: argparse.Namespace) -> list:
+    """The repeatable --controlnet/--control-* options as api.Control; a single value of an option applies to all."""
+    from sdlab.api import Control
+
+    nets, images = args.controlnet or [], args.control_image or []
+    if len(nets) != len(images):
+        raise SdlabError(f"{len(nets)} --controlnet but {len(images)} --control-image: give one image per ControlNet")
+    per_unit = {}
+    for name in ("strength", "start", "end", "preprocess"):
+        values = getattr(args, f"control_{name}") or []
+        if len(values) not in (0, 1, len(nets)):
+            raise SdlabError(f"--control-{name} given {len(values)} times for {len(nets)} ControlNets (give 1 or {len(nets)})")
+        per_unit[name] = values * len(nets) if len(values) == 1 else values
+    controls = []
+    for i, (net, image) in enumerate(zip(nets, images)):
+        chosen = {k: v[i] for k, v in per_unit.items() if v}
+        controls.append(Control(net, image, guess_mode=args.guess_mode, **chosen))
+    return controls
+
+
+def _load(args: argparse.Namespace, model=None, refiner=None, dtype=None, device=None):
+    from sdlab import api
+
+    return api.load(
+        model or args.model, device=device or args.device or "cpu", dtype=dtype or args.dtype, config=args.config,
+        prediction_type=args.prediction_type, refiner=refiner or getattr(args, "refiner", None),
+    )
+
+
+def _run(args: argparse.Namespace, make) -> int:
+    """Run `make(on_step)` with a progress bar, then write the images (atomically) and print their paths."""
+    from sdlab import api
+
+    batch = getattr(args, "batch", None) or 1
+    progress = _Progress(batch)
+    try:
+        images = make(progress)
+    finally:
+        progress.close()
+    for path in api.save(images, args.out):
+        print(path)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from sdlab import api
     from sdlab.pipelines.settings import Settings
 
-    options = {
-        k: getattr(args, k)
-        for k in ("negative", "steps", "guidance", "sampler", "schedule", "width", "height", "seed", "batch",
-                  "clip_skip", "guidance_rescale", "eta", "refiner_switch")
-        if getattr(args, k) is not None
-    }
-    model, dtype, device, refiner = args.model, args.dtype, args.device, args.refiner
+    options = _options(args, GENERATION_OPTIONS)
     if args.replay:
         record = api.read_record(args.replay)
         settings = Settings.from_dict(record["settings"])
-        if args.prompt is not None or options:
+        if args.prompt is not None or options or args.controlnet:
             raise SdlabError("--replay takes no prompt or generation options: it makes the recorded image again")
-        model = model or record["model"]["path"]
-        refiner = refiner or (record.get("refiner") or {}).get("path")
-        dtype, device = dtype or record["dtype"], device or record["device"]
-    elif args.prompt is None:
+        if settings.strength is not None or settings.control:
+            raise SdlabError(f"{args.replay}: was made from input images (img2img, inpainting or ControlNet), "
+                             "which the record does not hold; run that command again with them")
+        pipe = _load(args, args.model or record["model"]["path"],
+                     args.refiner or (record.get("refiner") or {}).get("path"),
+                     args.dtype or record["dtype"], args.device or record["device"])
+        if pipe.info.sha256 != record["model"]["sha256"]:
+            print(f"sdlab: warning: {pipe.info.path} is not the model the image was made with", file=sys.stderr)
+        return _run(args, lambda progress: pipe.run(settings.resolved(pipe.config), progress))
+    if args.prompt is None:
         raise SdlabError("generate needs a PROMPT (or --replay IMAGE.png)")
-    else:
-        settings = Settings(prompt=args.prompt, **options)
-    pipe = api.load(
-        model, device=device or "cpu", dtype=dtype, config=args.config, prediction_type=args.prediction_type,
-        refiner=refiner,
-    )
-    settings = settings.resolved(pipe.config)
-    if args.replay and pipe.info.sha256 != record["model"]["sha256"]:
-        print(f"sdlab: warning: {pipe.info.path} is not the model the image was made with", file=sys.stderr)
-    progress = _Progress(settings.batch)
-    images = pipe.run(settings, progress)
-    progress.close()
-    for path in api.save(images, args.out):
-        print(path)
-    return 0
+    controls = _controls(args)
+    pipe = _load(args)
+    return _run(args, lambda progress: pipe.generate(args.prompt, control=controls, on_step=progress, **options))
+
+
+def cmd_img2img(args: argparse.Namespace) -> int:
+    from sdlab.pipelines.images import load_image
+
+    image, controls = load_image(args.image), _controls(args)
+    options = _options(args, GENERATION_OPTIONS + ("strength",))
+    pipe = _load(args)
+    return _run(args, lambda progress: pipe.img2img(image, args.prompt, control=controls, on_step=progress, **options))
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    from sdlab.pipelines.images import load_image
+
+    image, mask, controls = load_image(args.image), load_image(args.mask), _controls(args)
+    options = _options(args, GENERATION_OPTIONS + EDIT_OPTIONS)
+    pipe = _load(args)
+    return _run(args, lambda progress: pipe.inpaint(image, mask, args.prompt, control=controls, on_step=progress,
+                                                     **options))
+
+
+def cmd_outpaint(args: argparse.Namespace) -> int:
+    from sdlab.pipelines.images import load_image
+
+    image, controls = load_image(args.image), _controls(args)
+    options = _options(args, GENERATION_OPTIONS + EDIT_OPTIONS)
+    pipe = _load(args)
+    return _run(args, lambda progress: pipe.outpaint(image, args.prompt, extend=args.extend, fill=args.outpaint_fill,
+                                                      control=controls, on_step=progress, **options))
+
+
+def _parse_extend(text: str) -> tuple[int, int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"--extend needs LEFT,TOP,RIGHT,BOTTOM pixels >= 0, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="diffusers folder, single file, or repo id (default: sdlab's own model)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--config", help="preset for reading a single file, when detection is not enough")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected one")
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--steps", type=int, help="sampling steps (default 20)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7)")
+    p.add_argument("--guidance-rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
+    p.add_argument("--sampler", help="ddim, euler_a, dpmpp_2m, … or an A1111 name such as 'DPM++ 2M Karras'")
+    p.add_argument("--schedule", choices=["default", "karras", "exponential"], help="sigma schedule (default karras)")
+    p.add_argument("--eta", type=float, help="noise amount of DDIM / ancestral samplers")
+    p.add_argument("--width", type=int, help="pixels (default: the model's size, or the input image's)")
+    p.add_argument("--height", type=int, help="pixels (default: the model's size, or the input image's)")
+    p.add_argument("--seed", type=int, help="seed; image i of a batch uses seed + i (default: random)")
+    p.add_argument("--batch", type=int, help="number of images (default 1)")
+    p.add_argument("--clip-skip", type=int, help="use the text encoder's N-th last layer (default 1)")
+    p.add_argument("--tiling", action="store_true", default=None, help="seamless: the image wraps around at its edges")
+    p.add_argument("--out", default="outputs", help="a .png path or a folder (default: outputs/)")
+    g = p.add_argument_group("ControlNet (repeat --controlnet and --control-image for several)")
+    g.add_argument("--controlnet", action="append", metavar="PATH", help="a ControlNet: diffusers folder or single file")
+    g.add_argument("--control-image", action="append", metavar="IMAGE", help="the image that steers it")
+    g.add_argument("--control-strength", action="append", type=float, metavar="S", help="residual scale (default 1)")
+    g.add_argument("--control-start", action="append", type=float, metavar="F", help="first fraction of steps (default 0)")
+    g.add_argument("--control-end", action="append", type=float, metavar="F", help="last fraction of steps (default 1)")
+    g.add_argument("--control-preprocess", action="append", choices=["none", "canny"],
+                   help="canny: edges of the image; none: the image is the hint (depth, pose, scribble, lineart…)")
+    g.add_argument("--guess-mode", action="store_true", help="ControlNet sees only the prompted half (no prompt needed)")
+
+
+def _edit_parser(sub, name: str, help: str, func, strength: float, masked: bool) -> argparse.ArgumentParser:
+    """A command that edits IMAGE [MASK] following PROMPT, with every generation option."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("image")
+    if masked:
+        p.add_argument("mask", help="an image of the same size: white = repaint, black = keep")
+    p.add_argument("prompt")
+    _add_generation_options(p)
+    p.add_argument("--strength", type=float, help=f"denoising strength in [0, 1] (default {strength:g})")
+    if masked:
+        _add_mask_options(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_mask_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask-blur", type=int, help="pixels of blur on the mask's edge (default 4)")
+    p.add_argument("--fill", choices=["original", "noise", "nothing", "fill"],
+                   help="what the masked area starts from (default original)")
+    p.add_argument("--only-masked", action="store_true", default=None,
+                   help="inpaint a crop around the mask at full size and paste it back")
+    p.add_argument("--padding", type=int, help="pixels of context around the mask with --only-masked (default 32)")
+    p.add_argument("--no-composite", dest="composite", action="store_false", default=None,
+                   help="keep the decoded pixels outside the mask too, instead of the original's")
 
 
 def cmd_png_info(args: argparse.Namespace) -> int:
@@ -199,6 +341,39 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_pixels(text: str) -> int:
+    """--max-size: 1024x1024, 1024*1024 or a pixel count."""
+    try:
+        w, _, h = text.lower().replace("*", "x").partition("x")
+        pixels = int(w) * int(h) if h else int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--max-size must look like 1024x1024 (width × height), got {text!r}") from None
+    if pixels <= 0:
+        raise argparse.ArgumentTypeError(f"--max-size must be positive, got {text!r}")
+    return pixels
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The HTTP server: AUTOMATIC1111's API, sdlab's job API and the web page (needs the `server` extra)."""
+    try:
+        from sdlab.server.app import ServerConfig, serve
+        from sdlab.server.service import Limits
+    except ImportError as e:
+        raise SdlabError(f"sdlab serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'sdlab[server]'")
+    for name in ("queue", "max_steps", "max_batch"):
+        if getattr(args, name) < 1:
+            raise SdlabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.auth:
+        print(f"sdlab: warning: serving on {args.host} without --auth: anyone who reaches it can use it",
+              file=sys.stderr)
+    limits = Limits(max_pixels=args.max_size, max_steps=args.max_steps, max_batch=args.max_batch)
+    cfg = ServerConfig(model=args.model, models_dir=args.models_dir, device=args.device or "cpu", dtype=args.dtype,
+                       config=args.config, prediction_type=args.prediction_type, auth=args.auth, queue=args.queue,
+                       limits=limits)
+    serve(cfg, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlab", description="Stable Diffusion from scratch in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,33 +397,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="text to image")
     p.add_argument("prompt", nargs="?", help="what to draw (A1111 syntax: (word:1.3), [word], BREAK)")
-    p.add_argument("--model", help="diffusers folder, single file, or repo id (default: sdlab's own model)")
-    p.add_argument("--negative", help="negative prompt")
-    p.add_argument("--steps", type=int, help="sampling steps (default 20)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7)")
-    p.add_argument("--guidance-rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
-    p.add_argument("--sampler", help="ddim, euler_a, dpmpp_2m, … or an A1111 name such as 'DPM++ 2M Karras'")
-    p.add_argument("--schedule", choices=["default", "karras", "exponential"], help="sigma schedule (default karras)")
-    p.add_argument("--eta", type=float, help="noise amount of DDIM / ancestral samplers")
-    p.add_argument("--width", type=int, help="pixels (default: the model's size)")
-    p.add_argument("--height", type=int, help="pixels (default: the model's size)")
-    p.add_argument("--seed", type=int, help="seed; image i of a batch uses seed + i (default: random)")
-    p.add_argument("--batch", type=int, help="number of images (default 1)")
-    p.add_argument("--clip-skip", type=int, help="use the text encoder's N-th last layer (default 1)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32 on CPU, fp16 on CUDA)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default cpu)")
-    p.add_argument("--config", help="preset for reading a single file, when detection is not enough")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected one")
+    _add_generation_options(p)
     p.add_argument("--refiner", metavar="MODEL", help="an SDXL refiner that finishes the base model's latents")
     p.add_argument("--refiner-switch", type=float, help="fraction of the schedule the base denoises (default 0.8)")
-    p.add_argument("--out", default="outputs", help="a .png path or a folder (default: outputs/)")
     p.add_argument("--replay", metavar="IMAGE", help="make an image sdlab wrote again, from its record")
     p.set_defaults(func=cmd_generate)
+
+    _edit_parser(sub, "img2img", "redraw an image following a prompt", cmd_img2img, 0.75, masked=False)
+    _edit_parser(sub, "inpaint", "repaint where a mask is white", cmd_inpaint, 1.0, masked=True)
+    p = _edit_parser(sub, "outpaint", "extend an image's canvas and paint the new area", cmd_outpaint, 1.0, masked=False)
+    p.add_argument("--extend", type=_parse_extend, required=True, metavar="LEFT,TOP,RIGHT,BOTTOM",
+                   help="pixels to add on each side (sides rounded up to multiples of 8)")
+    p.add_argument("--outpaint-fill", choices=["edge", "fill", "noise"], default="edge",
+                   help="what the new area starts from (default edge: the edge colours, blurred)")
+    _add_mask_options(p)
 
     p = sub.add_parser("png-info", help="print the generation parameters stored in an image")
     p.add_argument("image")
     p.set_defaults(func=cmd_png_info)
 
+
+    p = sub.add_parser("serve", help="HTTP server: AUTOMATIC1111's API, sdlab's job API, a web page")
+    _add_model_options(p)
+    p.add_argument("--models-dir", metavar="DIR", help="serve every model file and diffusers folder in DIR "
+                   "(clients switch with sd_model_checkpoint); --model then names the first one")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="default 7860")
+    p.add_argument("--auth", default=os.environ.get("SDLAB_AUTH"), metavar="TOKEN|USER:PASS",
+                   help="credentials every route needs: a Bearer token, or HTTP Basic user:pass (default: $SDLAB_AUTH)")
+    p.add_argument("--queue", type=int, default=8, metavar="N", help="jobs that may wait; more get 429 (default 8)")
+    p.add_argument("--max-size", type=_parse_pixels, default=2048 * 2048, metavar="WxH",
+                   help="largest width × height of an image (default 2048x2048)")
+    p.add_argument("--max-steps", type=int, default=150, metavar="N", help="most sampling steps (default 150)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="most images per request, batch × iterations (default 16)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="measure a model: `sdlab eval adherence`")
     evals = p.add_subparsers(dest="what", required=True)

@@ -89,3 +89,49 @@ def text_encoders_of(pipe) -> list:
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.float() - b.float()).abs().max().item()
+
+
+def _twins() -> dict:
+    import diffusers
+
+    return {
+        "ddim": (diffusers.DDIMScheduler, {}),
+        "ddpm": (diffusers.DDPMScheduler, {}),
+        "plms": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
+        "lms": (diffusers.LMSDiscreteScheduler, {}),
+        "euler": (diffusers.EulerDiscreteScheduler, {}),
+        "euler_a": (diffusers.EulerAncestralDiscreteScheduler, {}),
+        "heun": (diffusers.HeunDiscreteScheduler, {}),
+        "dpm2": (diffusers.KDPM2DiscreteScheduler, {}),
+        "dpm2_a": (diffusers.KDPM2AncestralDiscreteScheduler, {}),
+        "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        "dpmpp_2m_sde": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+        "unipc": (diffusers.UniPCMultistepScheduler, {"solver_order": 2, "solver_type": "bh2"}),
+    }
+
+
+# sdlab sampler -> (diffusers scheduler class, extra config); the base config is the model's own.
+TWINS = _twins()
+
+
+def use_twin(pipe, sampler: str, schedule: str = "default") -> None:
+    """Give a diffusers pipeline the scheduler that sdlab's `sampler` reproduces, on the model's own config."""
+    cls, extra = TWINS[sampler]
+    common = {"clip_sample": False, "set_alpha_to_one": False, "use_karras_sigmas": schedule == "karras"}
+    # `_use_default_values` would make from_config drop our explicit set_alpha_to_one=False again
+    base = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
+    pipe.scheduler = cls.from_config({**base, **common, **extra})
+
+
+def smooth_picture(size: int, seed: int = 0):
+    """A smooth, seeded RGB picture (gradients and a disc) of `size` x `size`, as a PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    c = rng.uniform(0.2, 0.8, size=(3, 3))
+    rgb = np.stack([c[i, 0] + c[i, 1] * x - c[i, 2] * y for i in range(3)], axis=-1)
+    cx, cy, r = rng.uniform(0.3, 0.7, size=3) * [1, 1, 0.5]
+    rgb[(x - cx) ** 2 + (y - cy) ** 2 < r**2] = rng.uniform(0, 1, size=3)
+    return Image.fromarray((rgb.clip(0, 1) * 255).astype(np.uint8))

@@ -6,12 +6,38 @@ import inspect
 import math
 import random
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal, get_args
 
 from sdlab.config import ModelConfig
 from sdlab.errors import SdlabError
 
 SCHEDULES = ("default", "karras", "exponential")
 MAX_SEED = 2**32 - 1  # A1111 seeds are unsigned 32-bit
+Fill = Literal["original", "noise", "nothing", "fill"]  # A1111 "masked content": 1, 2, 3, 0
+FILLS: tuple[str, ...] = get_args(Fill)
+Preprocess = Literal["none", "canny"]
+PREPROCESSORS: tuple[str, ...] = get_args(Preprocess)
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """One ControlNet of a run; its hint image is an input, not a setting."""
+
+    model: str  # path or repo id of the ControlNet
+    strength: float = 1.0  # scale of its residuals
+    start: float = 0.0  # active for steps whose fraction of the run lies in [start, end]
+    end: float = 1.0
+    preprocess: Preprocess = "none"  # what turns the control image into the hint
+    guess_mode: bool = False  # residuals only on the conditional half, scaled down toward the input blocks
+
+    def check(self, index: int) -> None:
+        name = f"controlnet {index}"
+        if not math.isfinite(self.strength):
+            raise SdlabError(f"{name}: strength must be a finite number, got {self.strength}")
+        if not 0 <= self.start < self.end <= 1:
+            raise SdlabError(f"{name}: need 0 <= start < end <= 1, got start {self.start} and end {self.end}")
+        if self.preprocess not in PREPROCESSORS:
+            raise SdlabError(f"{name}: unknown preprocess {self.preprocess!r}; use one of {', '.join(PREPROCESSORS)}")
 
 
 @dataclass(frozen=True)
@@ -32,6 +58,15 @@ class Settings:
     guidance_rescale: float = 0.0
     eta: float | None = None  # DDIM / ancestral noise amount; None: the sampler's default
     refiner_switch: float = 0.8  # with a refiner: the fraction of the schedule the base model denoises
+    tiling: bool = False  # circular padding: the image wraps around without a seam
+    control: tuple[ControlSettings, ...] = ()
+    # editing an image (img2img, inpaint, outpaint); strength None: text to image
+    strength: float | None = None  # 0 keeps the image, 1 starts from pure noise
+    mask_blur: int = 4  # pixels; softens the mask's edge where result and original meet
+    fill: Fill = "original"  # what the masked area starts from
+    only_masked: bool = False  # inpaint a crop around the mask at full size, paste it back
+    padding: int = 32  # pixels of context around the mask in only-masked mode
+    composite: bool = True  # keep the original's pixels outside the (blurred) mask exactly
 
     def resolved(self, cfg: ModelConfig) -> Settings:
         """Defaults filled in from the model, every value checked; a one-line SdlabError otherwise."""
@@ -64,6 +99,9 @@ class Settings:
         schedule = self.schedule if named_schedule == "default" else named_schedule
         if self.eta is not None and "eta" not in inspect.signature(SAMPLERS[sampler].fn).parameters:
             raise SdlabError(f"the {sampler} sampler takes no eta")
+        self._check_editing()
+        for i, unit in enumerate(self.control):
+            unit.check(i)
         seed = random.randint(0, MAX_SEED) if self.seed is None or self.seed < 0 else self.seed
         if seed > MAX_SEED:
             raise SdlabError(f"seed must be at most {MAX_SEED}, got {seed}")
@@ -71,10 +109,22 @@ class Settings:
             self, width=width, height=height, seed=seed, sampler=sampler, schedule=schedule
         )
 
+    def _check_editing(self) -> None:
+        if self.strength is not None and not (math.isfinite(self.strength) and 0 <= self.strength <= 1):
+            raise SdlabError(f"strength must be in [0, 1], got {self.strength}")
+        if self.mask_blur < 0 or self.padding < 0:
+            raise SdlabError(f"mask blur and padding must be >= 0 pixels, got {self.mask_blur} and {self.padding}")
+        if self.fill not in FILLS:
+            raise SdlabError(f"unknown fill {self.fill!r}; use one of {', '.join(FILLS)}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Settings:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        values["control"] = tuple(
+            c if isinstance(c, ControlSettings) else ControlSettings(**c) for c in values.get("control", ())
+        )
+        return cls(**values)

@@ -32,7 +32,7 @@ from sdlab.models.layers import ResBlock, SpatialTransformer
 from sdlab.models.unet import UNet, added_condition
 from sdlab.models.vae import AutoencoderKL, DiagonalGaussian
 from sdlab.pipelines.settings import Settings
-from sdlab.pipelines.txt2img import Text2Image
+from sdlab.pipelines.runner import Runner
 from sdlab.prompts import _pooled_index as pooled_index  # the encoder whose feature SDXL pools
 from sdlab.prompts import tokenize_prompt
 from sdlab.tokenizer import Tokenizer
@@ -241,7 +241,7 @@ def components(module: LatentDiffusion, vae: AutoencoderKL, ema: EMA | None, sou
 @torch.no_grad()
 def sample_grid(comps: Components, spec: SampleSpec, device: torch.device, path: Path) -> Path:
     """One row per prompt, one column per seed, through the txt2img pipeline."""
-    runner = Text2Image(comps, device, torch.float32)
+    runner = Runner(comps, device, torch.float32)
     tiles = []
     for prompt in spec.prompts:
         s = Settings(prompt, steps=spec.steps, guidance=spec.guidance, sampler=spec.sampler, seed=0, batch=spec.seeds)

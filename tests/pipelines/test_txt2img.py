@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import diffusers
 import numpy as np
 import pytest
 import torch
@@ -14,27 +13,12 @@ from PIL import Image
 
 from sdlab.cli import main
 from sdlab.config import preset
-from tests.reference import diffusers_pipeline
+from tests.reference import TWINS, diffusers_pipeline, use_twin
 
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry, lowres"  # no A1111 syntax: diffusers reads it literally
 STEPS, GUIDANCE = 8, 6.5
 MAX_PIXEL_DIFF = 2  # out of 255
 
-# sdlab sampler -> (diffusers scheduler class, extra config); the base config is the model's own.
-TWINS = {
-    "ddim": (diffusers.DDIMScheduler, {}),
-    "ddpm": (diffusers.DDPMScheduler, {}),
-    "plms": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
-    "lms": (diffusers.LMSDiscreteScheduler, {}),
-    "euler": (diffusers.EulerDiscreteScheduler, {}),
-    "euler_a": (diffusers.EulerAncestralDiscreteScheduler, {}),
-    "heun": (diffusers.HeunDiscreteScheduler, {}),
-    "dpm2": (diffusers.KDPM2DiscreteScheduler, {}),
-    "dpm2_a": (diffusers.KDPM2AncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_sde": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "unipc": (diffusers.UniPCMultistepScheduler, {"solver_order": 2, "solver_type": "bh2"}),
-}
 KARRAS = ["dpmpp_2m", "dpmpp_2m_sde", "euler", "lms", "heun", "dpm2", "unipc"]
 CASES = [(s, "default") for s in TWINS] + [(s, "karras") for s in KARRAS]
 
@@ -49,12 +33,7 @@ def model(request, tmp_path_factory):
 
 
 def _reference(pipe, sampler: str, schedule: str, seed: int, size: int, negative: str | None) -> np.ndarray:
-    cls, extra = TWINS[sampler]
-    common = {"clip_sample": False, "set_alpha_to_one": False, "use_karras_sigmas": schedule == "karras"}
-    # `_use_default_values` would make from_config drop our explicit set_alpha_to_one=False again
-    base = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
-    config = {**base, **common, **extra}
-    pipe.scheduler = cls.from_config(config)
+    use_twin(pipe, sampler, schedule)
     out = pipe(
         PROMPT, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
         generator=torch.Generator().manual_seed(seed), height=size, width=size,
@@ -102,3 +81,19 @@ def test_record_and_replay_reproduce_exactly(tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(b))
         record = json.loads(a.info["sdlab"])
     assert record["settings"]["sampler"] == "euler_a" and record["settings"]["seed"] == 9
+
+
+@pytest.mark.parametrize("sampler, schedule", [("euler", "default"), ("euler_a", "default"), ("dpmpp_2m", "default"),
+                                               ("dpmpp_2m", "karras"), ("ddim", "default"), ("unipc", "default"),
+                                               ("heun", "default")])
+def test_default_models_schedule_matches_diffusers(tmp_path, sampler, schedule):
+    """The shipped model's schedule (DDPM linear betas, v-prediction, trailing timesteps) on a tiny network."""
+    from dataclasses import replace
+
+    cfg = replace(preset("tiny-sd1"), schedule=preset("shapes-64").schedule)
+    pipe = diffusers_pipeline(cfg, seed=24)
+    pipe.save_pretrained(tmp_path / "model")
+    for seed in (3, 8):
+        ours, _ = _ours(tmp_path / "model", tmp_path, sampler, schedule, seed, cfg.default_size, NEGATIVE)
+        ref = _reference(pipe, sampler, schedule, seed, cfg.default_size, NEGATIVE)
+        assert np.abs(ours - ref).max() <= MAX_PIXEL_DIFF, (sampler, schedule, seed)
