@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/sdlab: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,hub]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,hub,server]'
 	touch $@
 
 setup: $(BIN)/sdlab
