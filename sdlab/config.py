@@ -328,6 +328,14 @@ SHAPES = ModelConfig(
     # 8 groups: at 32 channels, 32 groups would normalise each channel alone and wash out flat colours
     vae=VAEConfig(block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8, scaling_factor=1.0),
     text=(TextConditioner(SHAPES_TEXT, PAD_WITH_EOS),),
+    # DDPM's linear betas end at alpha_bar = 4e-5 (SD's at 4.7e-3): a 16x16 latent's per-channel noise mean
+    # (std 1/16) then outweighs what is left of the image at the first sampling steps, so the model must take
+    # the background colour from the prompt instead of reading it off the noise (Lin et al. 2023, §3.1);
+    # v-prediction keeps x̂0 well-posed there, "trailing" starts sampling at t = 999.
+    schedule=ScheduleConfig(
+        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="v_prediction",
+        timestep_spacing="trailing", steps_offset=0,
+    ),
     default_size=64,
 )
 PRESETS[SHAPES.name] = SHAPES
