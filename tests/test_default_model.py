@@ -69,3 +69,55 @@ def test_generate_from_a_cold_start(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "a.png").is_file()
     assert wall <= 5.0, f"cold start took {wall:.1f} s"
+
+
+# --- editing with the default model (issue 5) ---------------------------------------------------------
+def _scene_with_a_blue_square_on_the_left():
+    from sdlab.train.shapes import PlacedObject, Scene, render_pil
+
+    square = PlacedObject("blue", "square", "large", x=0.25, y=0.5, half=0.2)
+    return render_pil(Scene("yellow", (square,), position="left", relation=None), size=64)
+
+
+def test_inpainting_paints_the_prompt_into_the_mask_and_keeps_the_rest(pipe):
+    import numpy as np
+    from PIL import Image
+
+    from sdlab.analysis.adherence import analyse
+
+    image = _scene_with_a_blue_square_on_the_left()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))  # the empty right half
+    kept = np.zeros((64, 64), bool)
+    kept[:, :26] = True  # the left half, beyond the blurred mask edge's reach
+    for seed in range(4):
+        out = pipe.inpaint(image, mask, "a red circle on a yellow background", seed=seed)[0]
+        found = analyse(out).objects
+        assert any(d.colour == "red" and d.x > 0.5 for d in found), (seed, found)
+        assert any(d.colour == "blue" and d.x < 0.5 for d in found), (seed, found)
+        assert np.array_equal(np.asarray(out)[kept], np.asarray(image)[kept])
+
+
+def test_img2img_strength_zero_keeps_the_image_and_one_ignores_it(pipe):
+    import numpy as np
+
+    from sdlab.analysis.adherence import analyse
+
+    image = _scene_with_a_blue_square_on_the_left()
+    kept = pipe.img2img(image, "a red circle on a yellow background", strength=0.0, seed=0)[0]
+    error = np.abs(np.asarray(kept).astype(int) - np.asarray(image).astype(int)).mean()
+    assert error < 4, error  # the VAE's round trip, a few levels out of 255
+    assert [(d.colour, d.shape) for d in analyse(kept).objects] == [("blue", "square")]
+    prompt = "a red circle on a green background"
+    ignored = pipe.img2img(image, prompt, strength=1.0, seed=5)[0]
+    assert np.array_equal(np.asarray(ignored), np.asarray(pipe.generate(prompt, seed=5)[0]))
+
+
+def test_tiled_images_wrap_without_a_seam(pipe):
+    import numpy as np
+
+    for seed in range(3):
+        x = np.asarray(pipe.generate("a large red star on a blue background", tiling=True, seed=seed)[0]).astype(float)
+        seam = (np.abs(x[:, 0] - x[:, -1]).mean() + np.abs(x[0] - x[-1]).mean()) / 2
+        interior = (np.abs(np.diff(x, axis=1)).mean() + np.abs(np.diff(x, axis=0)).mean()) / 2
+        assert seam <= 1.5 * interior + 1.0, (seed, seam, interior)
