@@ -33,6 +33,14 @@ def perturb_norms_(module: torch.nn.Module, scale: float = 0.1) -> torch.nn.Modu
     return module
 
 
+def ours_from(factory, convert, reference: torch.nn.Module, cfg) -> torch.nn.Module:
+    """sdlab's `factory(cfg)` holding a diffusers module's weights through the key map `convert(state, cfg)`."""
+    with torch.device("meta"):
+        ours = factory(cfg)
+    ours.load_state_dict(convert(reference.state_dict(), cfg), strict=True, assign=True)
+    return ours.eval()
+
+
 def diffusers_pipeline(cfg: ModelConfig, seed: int = 0):
     """A diffusers pipeline with random weights whose configs are sdlab's `cfg`."""
     import diffusers

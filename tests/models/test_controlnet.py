@@ -21,6 +21,7 @@ from sdlab.errors import CheckpointError, SdlabError
 from sdlab.models.controlnet import ControlNet
 from sdlab.models.unet import UNet, added_condition
 from tests.reference import max_diff, perturb_
+from tests.reference import ours_from as reference_ours_from
 
 TINY = ["tiny-controlnet-sd1", "tiny-controlnet-sd2", "tiny-controlnet-sdxl"]
 FULL = ["controlnet-sd15", "controlnet-sd21", "controlnet-sdxl"]
@@ -34,10 +35,7 @@ def diffusers_controlnet(cfg: ControlNetConfig, seed: int = 0) -> ControlNetMode
 
 
 def ours_from(ref: ControlNetModel, cfg: ControlNetConfig) -> ControlNet:
-    with torch.device("meta"):
-        ours = ControlNet(cfg)
-    ours.load_state_dict(controlnet_from_diffusers(ref.state_dict(), cfg), strict=True, assign=True)
-    return ours.eval()
+    return reference_ours_from(ControlNet, controlnet_from_diffusers, ref, cfg)
 
 
 def controlnet_inputs(cfg: ControlNetConfig, batch: int = 2, size: tuple[int, int] = (8, 10), seed: int = 1):

@@ -19,7 +19,7 @@ from sdlab.config import PRESETS, UNetConfig
 from sdlab.errors import CheckpointError, SdlabError
 from sdlab.models.layers import timestep_embedding
 from sdlab.models.unet import ControlResiduals, UNet, added_condition, unet_block_groups
-from tests.reference import perturb_norms_
+from tests.reference import ours_from, perturb_norms_
 
 FULL = ["sd15", "sd15-inpainting", "sd21", "sd21-base", "sd2-inpainting", "sdxl", "sdxl-refiner", "sdxl-inpainting"]
 TINY = ["tiny-sd1", "tiny-sd2", "tiny-sdxl", "tiny-sdxl-refiner", "tiny-sd1-inpainting"]
@@ -35,10 +35,7 @@ def _diffusers_unet(cfg: UNetConfig, seed: int = 0) -> UNet2DConditionModel:
 
 
 def _ours_from(ref: UNet2DConditionModel, cfg: UNetConfig) -> UNet:
-    with torch.device("meta"):
-        ours = UNet(cfg)
-    ours.load_state_dict(unet_from_diffusers(ref.state_dict(), cfg), strict=True, assign=True)
-    return ours.eval()
+    return ours_from(UNet, unet_from_diffusers, ref, cfg)
 
 
 def _inputs(cfg: UNetConfig, batch: int = 2, size: tuple[int, int] = (16, 16), seed: int = 1):
