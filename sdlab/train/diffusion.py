@@ -5,6 +5,11 @@
     x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε
     loss = mean (net(x_t, t, c) − target)²,  target = ε (epsilon) or sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x0 (v)
 
+With `min_snr_gamma` γ each sample's squared error is weighted by min(SNR_t, γ) / SNR_t (epsilon) or
+min(SNR_t, γ) / (SNR_t + 1) (v), SNR_t = ᾱ_t / (1 − ᾱ_t): the x0-error weighted by min(SNR, γ), so the
+nearly clean timesteps stop dominating (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+Weighting Strategy").
+
 c is the caption's context. With probability `cfg_dropout` a caption is replaced by the empty prompt,
 tokenised exactly as the pipelines tokenise an empty negative prompt (and zeroed for models that
 force zeros for it, as SDXL base does): the unconditional half of classifier-free guidance.
@@ -125,9 +130,12 @@ def new_networks(cfg: ModelConfig, seed: int) -> tuple[UNet, list[CLIPTextModel]
 class LatentDiffusion(nn.Module):
     """U-Net + text encoders; forward(x0, ids, drop, t, noise) is the ε/v MSE of one batch."""
 
-    def __init__(self, cfg: ModelConfig, unet: UNet, text_encoders: Sequence[CLIPTextModel]):
+    def __init__(
+        self, cfg: ModelConfig, unet: UNet, text_encoders: Sequence[CLIPTextModel], min_snr_gamma: float | None = None
+    ):
         super().__init__()
         self.cfg = cfg
+        self.min_snr_gamma = min_snr_gamma
         self.unet = unet
         self.text_encoders = nn.ModuleList(text_encoders)
         self.pooled_at = pooled_index(cfg.text)
@@ -163,7 +171,18 @@ class LatentDiffusion(nn.Module):
         else:
             target = noise
         prediction = self.unet(x_t, t, context, y=y)  # (B, C, h, w)
-        return F.mse_loss(prediction.float(), target.float())
+        if self.min_snr_gamma is None:
+            return F.mse_loss(prediction.float(), target.float())
+        per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        return (self.loss_weights(t) * per_sample).mean()
+
+    def loss_weights(self, t: Tensor) -> Tensor:
+        """Min-SNR-γ weights (B,) of timesteps t (B,)."""
+        ac = self.alphas_cumprod[t].double()
+        snr = ac / (1 - ac)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        weights = clipped / (snr + 1) if self.cfg.prediction_type == "v_prediction" else clipped / snr
+        return weights.float()
 
 
 # --- the latent cache --------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ class TrainSettings:
     clip: float = 1.0
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
+    min_snr_gamma: float | None = None  # weight the stage-2 loss by min(SNR, γ) (None: plain MSE)
     # this session only
     save_every: int = 500
     sample_every: int = 1000
@@ -64,6 +65,8 @@ class TrainSettings:
                 raise SdlabError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
         if not 0 <= self.cfg_dropout <= 1:
             raise SdlabError(f"caption dropout must be in [0, 1], got {self.cfg_dropout}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise SdlabError(f"min-SNR gamma must be positive, got {self.min_snr_gamma}")
         if self.kl_weight < 0:
             raise SdlabError(f"KL weight must not be negative, got {self.kl_weight}")
         if self.stop_at is not None and self.stop_at < 1:

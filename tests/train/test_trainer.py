@@ -14,6 +14,7 @@ from safetensors import safe_open
 import sdlab
 from sdlab.cli import main
 from sdlab.config import preset
+from sdlab.errors import SdlabError
 from sdlab.models.vae import AutoencoderKL
 from sdlab.prompts import encode_prompt
 from sdlab.tokenizer import Tokenizer
@@ -229,3 +230,26 @@ def test_resume_rules(run, data, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
     assert main(["train", "--out", str(run), "--resume", "--lr", "0.5"]) == 1
     assert "lr: 0.001 -> 0.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd2"])  # epsilon, v-prediction
+def test_min_snr_weighting_weights_each_sample_by_its_timestep(name):
+    cfg = preset(name)
+    networks = new_networks(cfg, seed=0)
+    plain, weighted = LatentDiffusion(cfg, *networks), LatentDiffusion(cfg, *networks, min_snr_gamma=5.0)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    ids = [Tokenizer(spec.tokenizer)(["a red disc"] * 3) for spec in cfg.text]
+    t, drop = torch.tensor([5, 400, 990]), torch.zeros(3, dtype=torch.bool)
+    with torch.no_grad():
+        per_sample = torch.stack([plain(x0[i:i + 1], [k[i:i + 1] for k in ids], drop[:1], t[i:i + 1], noise[i:i + 1])
+                                  for i in range(3)])  # (3,) plain MSE of each sample alone
+        loss = weighted(x0, ids, drop, t, noise)
+    ac = plain.alphas_cumprod[t].double()
+    snr = ac / (1 - ac)
+    expected_w = snr.clamp(max=5.0) / (snr + 1 if cfg.prediction_type == "v_prediction" else snr)
+    assert torch.allclose(weighted.loss_weights(t).double(), expected_w, rtol=1e-6)
+    assert expected_w[0] < 0.1  # the nearly clean timestep no longer dominates
+    assert loss.item() == pytest.approx((expected_w.float() * per_sample).mean().item(), rel=1e-4)
+    with pytest.raises(SdlabError, match="min-SNR gamma must be positive"):
+        TrainSettings(out="x", data=("shapes",), min_snr_gamma=0.0)
