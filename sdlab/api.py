@@ -114,8 +114,11 @@ class ModelInfo:
 
 
 def model_info(source: Path) -> ModelInfo:
-    weights = component_weights_file(source / "unet", None) if source.is_dir() else source
-    return ModelInfo(source.name if source.is_dir() else source.stem, file_sha256(weights), str(source))
+    """Name and hash of a single file, or of a diffusers folder's U-Net (or its own weights: a ControlNet folder)."""
+    if not source.is_dir():
+        return ModelInfo(source.stem, file_sha256(source), str(source))
+    folder = source / "unet" if (source / "unet").is_dir() else source
+    return ModelInfo(source.name, file_sha256(component_weights_file(folder, None)), str(source))
 
 
 class Pipeline:
@@ -285,9 +288,7 @@ def check_controlnet(net: ControlNet, config, source: str) -> None:
 
 def controlnet_info(source: str) -> ModelInfo:
     path = Path(source)
-    if path.is_dir():
-        return ModelInfo(path.name, file_sha256(component_weights_file(path, None)), source)
-    if path.is_file():
+    if path.exists():
         return model_info(path)
     return ModelInfo(source, "", source)  # a repo id: the loader fetched it
 
