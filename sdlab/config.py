@@ -313,7 +313,9 @@ TINY_PRESETS: dict[str, ModelConfig] = {
 PRESETS.update(TINY_PRESETS)
 
 # --- sdlab's own small model: 64x64 images of coloured shapes, trained by `sdlab train` ------------
-SHAPES_TEXT = TextEncoderConfig(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4)
+# 24 tokens: its captions take at most 20 (BOS, 18 words, EOS). At 77, some 60 identical padding tokens
+# would fill every cross-attention, and longer prompts still work: they are cut into 22-token chunks.
+SHAPES_TEXT = TextEncoderConfig(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, max_positions=24)
 SHAPES = ModelConfig(
     name="shapes-64",
     family="sd1",  # one CLIP text encoder, eps-prediction: SD 1.x's layout, so every loader and tool reads it
@@ -327,7 +329,7 @@ SHAPES = ModelConfig(
     ),
     # 8 groups: at 32 channels, 32 groups would normalise each channel alone and wash out flat colours
     vae=VAEConfig(block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8, scaling_factor=1.0),
-    text=(TextConditioner(SHAPES_TEXT, PAD_WITH_EOS),),
+    text=(TextConditioner(SHAPES_TEXT, replace(PAD_WITH_EOS, max_length=24)),),
     # DDPM's linear betas end at alpha_bar = 4e-5 (SD's at 4.7e-3): a 16x16 latent's per-channel noise mean
     # (std 1/16) then outweighs what is left of the image at the first sampling steps, so the model must take
     # the background colour from the prompt instead of reading it off the noise (Lin et al. 2023, §3.1);

@@ -64,6 +64,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, help=_help("EMA decay, warmed up as (1+n)/(10+n)", "ema_decay"))
     g.add_argument("--cfg-dropout", type=float, help=_help("rate of captions replaced by the empty prompt", "cfg_dropout"))
     g.add_argument("--min-snr-gamma", type=float, help="weight each timestep's loss by min(SNR, γ), e.g. 5 (default: off)")
+    g.add_argument("--min-snr-floor", type=float, help="but by no less than this at the noisiest timesteps, e.g. 0.1 (default 0)")
 
     g = p.add_argument_group("this session (may change on --resume)")
     g.add_argument("--save-every", type=int, help=_help("checkpoint every N steps", "save_every"))

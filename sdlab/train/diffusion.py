@@ -8,7 +8,10 @@
 With `min_snr_gamma` γ each sample's squared error is weighted by min(SNR_t, γ) / SNR_t (epsilon) or
 min(SNR_t, γ) / (SNR_t + 1) (v), SNR_t = ᾱ_t / (1 − ᾱ_t): the x0-error weighted by min(SNR, γ), so the
 nearly clean timesteps stop dominating (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
-Weighting Strategy").
+Weighting Strategy"). Near zero terminal SNR that weight also vanishes at the noisiest timesteps, which
+alone decide the background and the layout; `min_snr_floor` f keeps every weight at least f there:
+w = max(w_min-SNR, f). (With plain v-MSE those timesteps, whose loss stays large because x0 is barely
+predictable there, dominated instead, and the model never learned the objects.)
 
 c is the caption's context. With probability `cfg_dropout` a caption is replaced by the empty prompt,
 tokenised exactly as the pipelines tokenise an empty negative prompt (and zeroed for models that
@@ -131,11 +134,13 @@ class LatentDiffusion(nn.Module):
     """U-Net + text encoders; forward(x0, ids, drop, t, noise) is the ε/v MSE of one batch."""
 
     def __init__(
-        self, cfg: ModelConfig, unet: UNet, text_encoders: Sequence[CLIPTextModel], min_snr_gamma: float | None = None
+        self, cfg: ModelConfig, unet: UNet, text_encoders: Sequence[CLIPTextModel], min_snr_gamma: float | None = None,
+        min_snr_floor: float = 0.0,
     ):
         super().__init__()
         self.cfg = cfg
         self.min_snr_gamma = min_snr_gamma
+        self.min_snr_floor = min_snr_floor
         self.unet = unet
         self.text_encoders = nn.ModuleList(text_encoders)
         self.pooled_at = pooled_index(cfg.text)
@@ -177,12 +182,12 @@ class LatentDiffusion(nn.Module):
         return (self.loss_weights(t) * per_sample).mean()
 
     def loss_weights(self, t: Tensor) -> Tensor:
-        """Min-SNR-γ weights (B,) of timesteps t (B,)."""
+        """Min-SNR-γ weights (B,) of timesteps t (B,), at least `min_snr_floor`."""
         ac = self.alphas_cumprod[t].double()
         snr = ac / (1 - ac)
         clipped = snr.clamp(max=self.min_snr_gamma)
         weights = clipped / (snr + 1) if self.cfg.prediction_type == "v_prediction" else clipped / snr
-        return weights.float()
+        return weights.clamp(min=self.min_snr_floor).float()
 
 
 # --- the latent cache --------------------------------------------------------------------------------

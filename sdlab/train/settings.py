@@ -47,6 +47,7 @@ class TrainSettings:
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
     min_snr_gamma: float | None = None  # weight the stage-2 loss by min(SNR, γ) (None: plain MSE)
+    min_snr_floor: float = 0.0  # ... but never by less than this (the noisiest timesteps)
     # this session only
     save_every: int = 500
     sample_every: int = 1000
@@ -67,6 +68,10 @@ class TrainSettings:
             raise SdlabError(f"caption dropout must be in [0, 1], got {self.cfg_dropout}")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise SdlabError(f"min-SNR gamma must be positive, got {self.min_snr_gamma}")
+        if not 0 <= self.min_snr_floor <= 1:
+            raise SdlabError(f"min-SNR floor must be in [0, 1], got {self.min_snr_floor}")
+        if self.min_snr_floor and self.min_snr_gamma is None:
+            raise SdlabError("a min-SNR floor needs --min-snr-gamma")
         if self.kl_weight < 0:
             raise SdlabError(f"KL weight must not be negative, got {self.kl_weight}")
         if self.stop_at is not None and self.stop_at < 1:

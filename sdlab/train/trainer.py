@@ -268,7 +268,7 @@ def run(s: TrainSettings, resume: bool, d: Dist, device: torch.device) -> TrainR
 
     unet, encoders = new_networks(cfg, s.seed)
     stage = DiffusionStage(
-        LatentDiffusion(cfg, unet, encoders, s.min_snr_gamma), vae, cache, SampleStream(len(cache), s.seed, d.rank, d.world),
+        LatentDiffusion(cfg, unet, encoders, s.min_snr_gamma, s.min_snr_floor), vae, cache, SampleStream(len(cache), s.seed, d.rank, d.world),
         s.batch, s.cfg_dropout, device, files.samples,
         SampleSpec(s.sample_prompts or default_prompts(dataset), steps=s.sample_steps, guidance=s.sample_guidance),
     )

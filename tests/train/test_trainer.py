@@ -253,3 +253,19 @@ def test_min_snr_weighting_weights_each_sample_by_its_timestep(name):
     assert loss.item() == pytest.approx((expected_w.float() * per_sample).mean().item(), rel=1e-4)
     with pytest.raises(SdlabError, match="min-SNR gamma must be positive"):
         TrainSettings(out="x", data=("shapes",), min_snr_gamma=0.0)
+
+
+def test_min_snr_floor_keeps_the_noisiest_timesteps_trained():
+    cfg = preset("tiny-sd2")  # v-prediction: without a floor the weight goes to 0 with the SNR
+    networks = new_networks(cfg, seed=0)
+    plain = LatentDiffusion(cfg, *networks, min_snr_gamma=5.0)
+    floored = LatentDiffusion(cfg, *networks, min_snr_gamma=5.0, min_snr_floor=0.1)
+    t = torch.tensor([5, 300, 600, 999])
+    w, w_floor = plain.loss_weights(t), floored.loss_weights(t)
+    assert w[-1] < 0.01 and w_floor[-1] == pytest.approx(0.1)  # t = 999: the floor
+    assert torch.equal(torch.maximum(w, torch.tensor(0.1)), w_floor)  # elsewhere min-SNR's own weight
+    assert w_floor[1] > 0.1  # a mid timestep keeps its larger weight
+    with pytest.raises(SdlabError, match="floor must be in"):
+        TrainSettings(out="x", data=("shapes",), min_snr_gamma=5.0, min_snr_floor=2.0)
+    with pytest.raises(SdlabError, match="needs --min-snr-gamma"):
+        TrainSettings(out="x", data=("shapes",), min_snr_floor=0.1)
