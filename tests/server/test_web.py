@@ -66,21 +66,14 @@ def browser():
     playwright.stop()
 
 
-@pytest.fixture(scope="module")
-def web_server(models_dir):
-    running = start(models_dir)
-    yield running
-    running.stop()
-
-
 @pytest.fixture
-def page(browser, web_server):
+def page(browser, server):
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"http://127.0.0.1:{web_server.port}/")
+    page.goto(f"http://127.0.0.1:{server.port}/")
     page.wait_for_selector("body.ready")
     yield page
     context.close()
@@ -207,8 +200,8 @@ def test_paint_a_mask_and_inpaint(page):
     assert page.is_hidden("#editor")
 
 
-def test_a_png_dropped_or_chosen_fills_the_form(page, web_server):
-    reply = web_server.client().post("/sdapi/v1/txt2img", {
+def test_a_png_dropped_or_chosen_fills_the_form(page, server):
+    reply = server.client().post("/sdapi/v1/txt2img", {
         "prompt": "from a file", "negative_prompt": "dull", "seed": 77, "steps": 3, "cfg_scale": 6.5,
         "sampler_name": "DDIM", "scheduler": "Exponential", "width": 32, "height": 32})
     assert reply.status == 200, reply.text
@@ -282,8 +275,8 @@ def test_the_page_works_behind_auth(browser, models_dir):
         server.stop()
 
 
-def test_the_static_files_are_served(web_server):
-    client = web_server.client()
+def test_the_static_files_are_served(server):
+    client = server.client()
     page = client.get("/")
     assert page.status == 200 and 'id="generate"' in page.text
     for path, kind in (("/static/app.js", "javascript"), ("/static/style.css", "text/css")):
