@@ -16,8 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,13 +170,8 @@ class Pipeline:
         return self._edit(canvas, mask, prompt, strength, control, on_step, options)
 
     def _edit(self, image, mask, prompt, strength, control, on_step, options) -> list[Image.Image]:
-        f = self.config.vae.downscale
-        for side, value in (("width", image.width), ("height", image.height)):
-            if options.get(side) is None:
-                if value < f:
-                    raise SdlabError(f"the image is {image.width}x{image.height}; it needs at least {f} pixels a side")
-                options[side] = value - value % f
-        settings = _settings(prompt, {**options, "strength": strength}, control).resolved(self.config)
+        settings = _settings(prompt, {**options, "strength": strength}, control)
+        settings = settings.sized_for(image.size, self.config.vae.downscale).resolved(self.config)
         return self.run(settings, on_step, image=image, mask=mask, control_images=_control_images(control))
 
     def run(

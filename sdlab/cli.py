@@ -416,7 +416,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.set_defaults(func=cmd_png_info)
 
-
     p = sub.add_parser("serve", help="HTTP server: AUTOMATIC1111's API, sdlab's job API, a web page")
     _add_model_options(p)
     p.add_argument("--models-dir", metavar="DIR", help="serve every model file and diffusers folder in DIR "

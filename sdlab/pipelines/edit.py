@@ -53,9 +53,7 @@ def control_units(
     for c in controls:
         image = c.image
         if box is not None and original_size is not None:
-            if image.size != original_size:
-                image = image.resize(original_size, Image.Resampling.LANCZOS)
-            image = image.crop(box)
+            image = _resized(image, original_size).crop(box)
         hint = control_hint(image, size[0], size[1], c.settings.preprocess, multiple)  # (1, 3, H, W) in [0, 1]
         s = c.settings
         units.append(ControlUnit(c.net, hint, s.strength, s.start, s.end, s.guess_mode))

@@ -260,12 +260,13 @@ class Runner:
         cond = self.condition(s)
         refiner_cond = None if refiner is None else refiner.condition(s)
         out = []
+        plan = self.plan(s)
         modules = self._modules(inputs.control) + ([] if refiner is None else refiner._modules(()))
         with circular_padding(*modules, enabled=s.tiling):
             for i in range(s.batch):
                 seed = s.seed + i
                 generator = torch.Generator().manual_seed(seed)
-                start = self.start(s, self.plan(s), inputs, generator)
+                start = self.start(s, plan, inputs, generator)
                 if start.clean is not None:  # nothing to denoise: the image itself, through the VAE
                     image = self.decode(start.clean)
                 elif refiner is None:

@@ -109,6 +109,16 @@ class Settings:
             self, width=width, height=height, seed=seed, sampler=sampler, schedule=schedule
         )
 
+    def sized_for(self, size: tuple[int, int], multiple: int) -> Settings:
+        """An edit's settings: a width or height not given is the image's (W, H) `size`, rounded down to `multiple`."""
+        sides = {}
+        for name, value in (("width", size[0]), ("height", size[1])):
+            if getattr(self, name) is None:
+                if value < multiple:
+                    raise SdlabError(f"the image is {size[0]}x{size[1]}; it needs at least {multiple} pixels a side")
+                sides[name] = value - value % multiple
+        return replace(self, **sides)
+
     def _check_editing(self) -> None:
         if self.strength is not None and not (math.isfinite(self.strength) and 0 <= self.strength <= 1):
             raise SdlabError(f"strength must be in [0, 1], got {self.strength}")

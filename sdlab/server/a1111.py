@@ -29,7 +29,7 @@ from sdlab.pipelines.metadata import PARAMETERS_KEY, parse_parameters
 from sdlab.pipelines.settings import MAX_SEED, Settings
 from sdlab.server.codec import FieldError, decode_base64, decode_image, encode_base64
 from sdlab.server.jobs import Job
-from sdlab.server.service import Service, as_field_error
+from sdlab.server.service import Service, as_field_error, known_sampler
 
 # sdlab setting -> the A1111 field a message about it names
 FIELDS = {
@@ -47,15 +47,6 @@ SCHEDULERS = (  # (A1111 name, label, sdlab schedule or None for the sampler's o
     ("karras", "Karras", "karras", 7.0), ("exponential", "Exponential", "exponential", -1.0),
 )  # fmt: skip
 POLL_S = 0.05  # how often a waiting request looks at its job and its connection
-
-
-def _check_sampler(name: str | None) -> str | None:
-    if name is not None:
-        try:
-            resolve_sampler(name)
-        except SdlabError as e:
-            raise ValueError(str(e)) from None
-    return name
 
 
 def _schedule(scheduler: str | None, sampler: str) -> str:
@@ -116,7 +107,7 @@ class GenerationRequest(BaseModel):
     force_task_id: str | None = None
     infotext: str | None = None
 
-    check_sampler = field_validator("sampler_name", "sampler_index")(_check_sampler)
+    check_sampler = field_validator("sampler_name", "sampler_index")(known_sampler)
 
     @property
     def sampler(self) -> str:

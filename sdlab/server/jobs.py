@@ -106,14 +106,7 @@ class Job:
 
 def fill_size(settings: Settings, image: Image.Image | None, cfg: ModelConfig) -> Settings:
     """An edit with no width/height works at the image's size, rounded down to the VAE's multiple."""
-    if image is None or (settings.width is not None and settings.height is not None):
-        return settings
-    f = cfg.vae.downscale
-    if min(image.size) < f:
-        raise SdlabError(f"the image is {image.width}x{image.height}; it needs at least {f} pixels a side")
-    width = settings.width if settings.width is not None else image.width - image.width % f
-    height = settings.height if settings.height is not None else image.height - image.height % f
-    return replace(settings, width=width, height=height)
+    return settings if image is None else settings.sized_for(image.size, cfg.vae.downscale)
 
 
 class JobQueue:

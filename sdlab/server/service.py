@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from sdlab.api import Pipeline
+from sdlab.diffusion.samplers import resolve_sampler
 from sdlab.errors import SdlabError
 from sdlab.pipelines.settings import Settings
 from sdlab.server.catalog import Catalog, ModelEntry, ModelHost
@@ -33,6 +34,16 @@ def field_of(message: str) -> str:
         if message.startswith(start):
             return name
     return "settings"
+
+
+def known_sampler(name: str | None) -> str | None:
+    """A request model's sampler validator: the name unchanged if sdlab knows it, else ValueError (a 422)."""
+    if name is not None:
+        try:
+            resolve_sampler(name)
+        except SdlabError as e:
+            raise ValueError(str(e)) from None
+    return name
 
 
 def as_field_error(error: SdlabError, names: Mapping[str, str]) -> FieldError:

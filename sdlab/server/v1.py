@@ -20,12 +20,10 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sdlab.diffusion.samplers import resolve_sampler
-from sdlab.errors import SdlabError
 from sdlab.pipelines.settings import FILLS, MAX_SEED, SCHEDULES, Settings
 from sdlab.server.codec import FieldError, decode_image, encode_base64
 from sdlab.server.jobs import FINISHED, Job
-from sdlab.server.service import Service
+from sdlab.server.service import Service, known_sampler
 
 POLL_S = 0.05
 HEARTBEAT_S = 15.0  # an SSE comment line now and then keeps proxies from closing a quiet stream
@@ -62,14 +60,7 @@ class JobRequest(BaseModel):
     padding: int = Field(_D.padding, ge=0)
     composite: bool = _D.composite
 
-    @field_validator("sampler")
-    @classmethod
-    def _known_sampler(cls, name: str) -> str:
-        try:
-            resolve_sampler(name)
-        except SdlabError as e:
-            raise ValueError(str(e)) from None
-        return name
+    check_sampler = field_validator("sampler")(known_sampler)
 
 
 class Progress(BaseModel):

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-
 from sdlab.checkpoints.keymaps import from_theirs, meta_shapes, to_theirs
 from sdlab.checkpoints.keymaps.unet import unet_config_from_diffusers, unet_config_to_diffusers, unet_key_pairs
 from sdlab.config import ControlNetConfig, Family, family_of
