@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
+from sdlab.atomic import atomic_write
 from sdlab.errors import SdlabError
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are flattened onto white, as A1111's img2img_background_color
@@ -36,20 +36,10 @@ def image_grid(tiles: Sequence[Image.Image], columns: int) -> Image.Image:
 
 def save_png(image: Image.Image, path: str | os.PathLike, text: Mapping[str, str]) -> Path:
     """Write `image` with tEXt/iTXt chunks; a temporary file and one rename, so never half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     for key, value in text.items():
         info.add_itxt(key, value)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_png_text(path: str | os.PathLike) -> dict[str, str]:

@@ -14,10 +14,8 @@ The data order needs no state of its own: it is a function of the step (see `Sam
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -32,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
+from sdlab.atomic import atomic_write
 from sdlab.errors import SdlabError
 from sdlab.train import distributed
 from sdlab.train.distributed import Dist
@@ -214,15 +213,7 @@ class Trainer:
 
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save to a temporary file beside `path`, then one rename: never half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(trainer: Trainer, path: Path, d: Dist) -> None:
