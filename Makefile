@@ -14,7 +14,7 @@ $(BIN)/sdlab: pyproject.toml constraints.txt
 setup: $(BIN)/sdlab
 
 demo: setup
-	$(BIN)/sdlab inspect --preset sd15
+	$(BIN)/sdlab generate "a red circle on a blue background" --seed 0 --out outputs/demo.png
 
 test: setup
 	$(BIN)/python -m pytest -q
