@@ -299,10 +299,12 @@ def load(
     config: str | None = None,
     prediction_type: str | None = None,
     refiner: str | os.PathLike | None = None,
+    backend: str = "torch",
 ) -> Pipeline:
     """Load a model once: None for sdlab's default model, a diffusers folder, a single file or a repo id.
     dtype defaults to fp32 on the CPU and fp16 on CUDA. `refiner` (an SDXL refiner) takes over the
-    latents at `refiner_switch` of each generation."""
+    latents at `refiner_switch` of each generation. `backend="openvino"` runs the U-Net and the VAE
+    decoder through OpenVINO on the CPU (sdlab.backends.openvino; converted once, cached on disk)."""
     source = default_model() if model is None else model
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -310,10 +312,11 @@ def load(
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise SdlabError("device 'mps' asked for, but PyTorch sees no Apple GPU here")
     dtype = formats.parse_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
-    base = _runner(source, device, dtype, config=config, prediction_type=prediction_type)
+    check_backend(backend, device, dtype)
+    base = _runner(source, device, dtype, backend, config=config, prediction_type=prediction_type)
     second = None
     if refiner is not None:
-        second = _runner(refiner, device, dtype)
+        second = _runner(refiner, device, dtype, backend)
         if base[0].config.family != "sdxl" or second[0].config.family != "sdxl-refiner":
             raise SdlabError(
                 f"a refiner hands off from an SDXL base to an SDXL refiner; got {base[0].config.family} "
@@ -322,10 +325,31 @@ def load(
     return Pipeline(*base, second)
 
 
-def _runner(source, device: torch.device, dtype: torch.dtype, **options) -> tuple[Runner, ModelInfo]:
+BACKENDS = ("torch", "openvino")
+
+
+def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    if backend not in BACKENDS:
+        raise SdlabError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "openvino":
+        if device.type != "cpu":
+            raise SdlabError(f"the openvino backend runs on the CPU; got device {device}")
+        if dtype == torch.float16:
+            raise SdlabError("the openvino backend computes in fp32 or bf16 on the CPU; choose --dtype fp32 or bf16")
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise SdlabError("the openvino backend needs the openvino package: pip install 'sdlab[openvino]'") from None
+
+
+def _runner(source, device: torch.device, dtype: torch.dtype, backend: str = "torch", **options) -> tuple[Runner, ModelInfo]:
     comps = load_components(source, dtype=dtype, device=device, **options)
     if dtype == torch.float16 and comps.config.vae.force_upcast:
         comps.vae.float()  # the SD VAE overflows in fp16; diffusers upcasts it the same way
+    if backend == "openvino":
+        from sdlab.backends.openvino import OpenVINODecoder, OpenVINOUNet
+
+        comps.unet, comps.vae = OpenVINOUNet(comps.unet), OpenVINODecoder(comps.vae)
     return Runner(comps, device, dtype), model_info(Path(comps.source))
 
 

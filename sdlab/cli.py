@@ -119,6 +119,7 @@ def _load(args: argparse.Namespace, model=None, refiner=None, dtype=None, device
     return api.load(
         model or args.model, device=device or args.device or "cpu", dtype=dtype or args.dtype, config=args.config,
         prediction_type=args.prediction_type, refiner=refiner or getattr(args, "refiner", None),
+        backend=args.backend,
     )
 
 
@@ -208,6 +209,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default cpu)")
     p.add_argument("--config", help="preset for reading a single file, when detection is not enough")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected one")
+    p.add_argument("--backend", choices=["torch", "openvino"], default="torch",
+                   help="run the U-Net and VAE decoder in PyTorch, or through OpenVINO on the CPU (default torch)")
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -368,8 +371,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     limits = Limits(max_pixels=args.max_size, max_steps=args.max_steps, max_batch=args.max_batch)
     cfg = ServerConfig(model=args.model, models_dir=args.models_dir, device=args.device or "cpu", dtype=args.dtype,
-                       config=args.config, prediction_type=args.prediction_type, auth=args.auth, queue=args.queue,
-                       limits=limits)
+                       config=args.config, prediction_type=args.prediction_type, backend=args.backend, auth=args.auth,
+                       queue=args.queue, limits=limits)
     serve(cfg, host=args.host, port=args.port)
     return 0
 

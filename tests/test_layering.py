@@ -14,8 +14,9 @@ ALLOWED = {
     "diffusion": {"config", "errors"},
     "tokenizer": {"config", "errors"},
     "prompts": {"config", "errors", "models", "tokenizer"},
-    "checkpoints": {"config", "errors", "models", "tokenizer", "__init__"},
-    "pipelines": {"config", "errors", "models", "tokenizer", "prompts", "diffusion", "checkpoints"},
+    "checkpoints": {"config", "errors", "atomic", "models", "tokenizer", "__init__"},
+    "pipelines": {"config", "errors", "atomic", "models", "tokenizer", "prompts", "diffusion", "checkpoints"},
+    "backends": {"config", "errors", "models"},
 }
 FORBIDDEN_EVERYWHERE = {"diffusers", "transformers", "open_clip"}
 

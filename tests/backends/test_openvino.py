@@ -1,0 +1,138 @@
+"""The OpenVINO backend runs sdlab's own U-Net and VAE decoder with the eager modules' results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdlab.config import PRESETS
+from sdlab.errors import SdlabError
+from sdlab.models.tiling import circular_padding
+from sdlab.models.unet import UNet
+from sdlab.models.vae import AutoencoderKL
+
+ov = pytest.importorskip("openvino")
+from sdlab.backends import openvino as backend  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDLAB_CACHE", str(tmp_path / "cache"))
+
+
+def _unet(name: str, seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(PRESETS[name].unet).eval()
+
+
+def _inputs(name: str, size: int = 8):
+    cfg = PRESETS[name].unet
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, cfg.in_channels, size, size, generator=g)
+    context = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+    y = torch.randn(2, cfg.addition_embed_dim, generator=g) if cfg.addition_embed_dim else None
+    return x, torch.tensor([999.0, 12.5]), context, y
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sdxl"])
+def test_unet_matches_the_eager_module_in_fp32(name):
+    unet = _unet(name)
+    x, t, context, y = _inputs(name)
+    with torch.no_grad():
+        want = unet(x, t, context, y=y)
+        got = backend.OpenVINOUNet(unet)(x, t, context, y=y)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_unet_in_bf16_is_as_close_to_fp32_as_eager_bf16():
+    unet = _unet("tiny-sd1")
+    x, t, context, _ = _inputs("tiny-sd1")
+    with torch.no_grad():
+        exact = unet(x, t, context)
+        unet16 = unet.to(torch.bfloat16)
+        eager = unet16(x.bfloat16(), t, context.bfloat16()).float()
+        got = backend.OpenVINOUNet(unet16)(x.bfloat16(), t, context.bfloat16())
+    assert got.dtype == torch.bfloat16
+    eager_error = (eager - exact).abs().max()
+    assert eager_error > 0  # bf16 really rounds here, so the comparison below means something
+    assert (got.float() - exact).abs().max() <= 2 * eager_error
+
+
+def test_every_input_shape_is_compiled_once_and_each_answers_correctly():
+    unet = _unet("tiny-sd1")
+    wrapped = backend.OpenVINOUNet(unet)
+    with torch.no_grad():
+        for size in (8, 16, 8):
+            x, t, context, _ = _inputs("tiny-sd1", size)
+            assert torch.allclose(wrapped(x, t, context), unet(x, t, context), atol=1e-5)
+    assert len(wrapped._compiled.requests) == 2
+
+
+def test_the_converted_model_is_cached_by_weights(monkeypatch):
+    x, t, context, _ = _inputs("tiny-sd1")
+    with torch.no_grad():
+        backend.OpenVINOUNet(_unet("tiny-sd1"))(x, t, context)
+        calls = []
+        real = ov.convert_model
+        monkeypatch.setattr(ov, "convert_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+        backend.OpenVINOUNet(_unet("tiny-sd1"))(x, t, context)  # the same weights: read from the cache
+        assert calls == []
+        other = _unet("tiny-sd1", seed=1)
+        got = backend.OpenVINOUNet(other)(x, t, context)  # other weights: converted anew, and right
+        assert calls == [1]
+        assert torch.allclose(got, other(x, t, context), atol=1e-5)
+
+
+def test_controlnet_and_tiling_calls_run_the_eager_module(monkeypatch):
+    unet = _unet("tiny-sd1")
+    wrapped = backend.OpenVINOUNet(unet)
+    x, t, context, _ = _inputs("tiny-sd1")
+    monkeypatch.setattr(backend._Wrapped, "_run", lambda *a: pytest.fail("went through OpenVINO"))
+    with torch.no_grad():
+        with circular_padding(unet):
+            assert torch.equal(wrapped(x, t, context), unet(x, t, context))
+        vae = AutoencoderKL(PRESETS["tiny-sd1"].vae).eval()
+        z = torch.randn(1, 4, 8, 8)
+        with circular_padding(vae):
+            assert torch.equal(backend.OpenVINODecoder(vae).decode(z), vae.decode(z))
+
+
+def test_vae_decoder_matches_and_the_rest_of_the_vae_is_the_modules():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(PRESETS["tiny-sd1"].vae).eval()
+    wrapped = backend.OpenVINODecoder(vae)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        want = vae.decode(z)
+        assert (wrapped.decode(z) - want).abs().max() <= 1e-5 * want.abs().max()
+    assert wrapped.cfg is vae.cfg and wrapped.encode == vae.encode
+
+
+def test_pipeline_images_match_the_torch_backend():
+    import sdlab
+    from sdlab.api import default_model
+
+    try:
+        default_model()
+    except SdlabError:
+        pytest.skip("this install has no default model")
+    a = sdlab.load().generate("a red circle on a blue background", seed=3, steps=8)[0]
+    b = sdlab.load(backend="openvino").generate("a red circle on a blue background", seed=3, steps=8)[0]
+    assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(backend="tensorrt"), "unknown backend 'tensorrt'"),
+        (dict(backend="openvino", dtype="fp16"), "fp32 or bf16"),
+    ],
+)
+def test_bad_backend_choices_are_one_line_errors(kwargs, message):
+    import sdlab
+
+    with pytest.raises(SdlabError, match=message) as err:
+        sdlab.load(**kwargs)
+    assert "\n" not in str(err.value)
