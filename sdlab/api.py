@@ -124,7 +124,7 @@ class Pipeline:
     """A loaded model: each method returns PIL images with their metadata in `image.info`.
 
     Options are the CLI's long names: negative, steps, guidance, sampler, schedule, width, height, seed,
-    batch, clip_skip, guidance_rescale, eta, tiling, refiner_switch (with a refiner loaded); for edits
+    batch, clip_skip, guidance_rescale, eta, tiling, vae_tiling, refiner_switch (with a refiner loaded); for edits
     also mask_blur, fill, only_masked, padding, composite. Width and height of an edit default to the
     image's size (rounded down to a multiple of 8)."""
 
@@ -225,6 +225,7 @@ class Pipeline:
             "Denoising strength": None if s.strength is None else f"{s.strength:g}",
             "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
             "Tiling": True if s.tiling else None,
+            "Tiled VAE": True if s.vae_tiling else None,
             "Mask blur": s.mask_blur if masked else None,
             "Masked content": FILL_NAMES[s.fill] if masked else None,
             "Inpaint area": "Only masked" if masked and s.only_masked else None,

@@ -85,7 +85,7 @@ class _Progress:
 
 
 GENERATION_OPTIONS = ("negative", "steps", "guidance", "sampler", "schedule", "width", "height", "seed", "batch",
-                      "clip_skip", "guidance_rescale", "eta", "refiner_switch", "tiling")
+                      "clip_skip", "guidance_rescale", "eta", "refiner_switch", "tiling", "vae_tiling")
 EDIT_OPTIONS = ("strength", "mask_blur", "fill", "only_masked", "padding", "composite")
 
 
@@ -228,6 +228,8 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, help="number of images (default 1)")
     p.add_argument("--clip-skip", type=int, help="use the text encoder's N-th last layer (default 1)")
     p.add_argument("--tiling", action="store_true", default=None, help="seamless: the image wraps around at its edges")
+    p.add_argument("--vae-tiling", action="store_true", default=None,
+                   help="decode the image in overlapping windows: large images in little memory")
     p.add_argument("--out", default="outputs", help="a .png path or a folder (default: outputs/)")
     g = p.add_argument_group("ControlNet (repeat --controlnet and --control-image for several)")
     g.add_argument("--controlnet", action="append", metavar="PATH", help="a ControlNet: diffusers folder or single file")

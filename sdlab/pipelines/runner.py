@@ -27,6 +27,7 @@ from sdlab.diffusion.samplers import Plan, Step, prepare
 from sdlab.errors import SdlabError
 from sdlab.models.tiling import circular_padding
 from sdlab.models.unet import added_condition
+from sdlab.models.vae_tiling import decode_tiled
 from sdlab.pipelines.controlnet import ControlUnit, control_residuals
 from sdlab.pipelines.img2img import truncate
 from sdlab.pipelines.images import to_pil
@@ -240,10 +241,12 @@ class Runner:
         return latents if start.blend is None else start.blend.final(latents)
 
     @torch.no_grad()
-    def decode(self, latents: Tensor) -> list[Image.Image]:
+    def decode(self, latents: Tensor, tiled: bool = False) -> list[Image.Image]:
         vae = self.components.vae
         dtype = next(vae.parameters()).dtype  # fp32 when an fp16 pipeline upcasts the VAE
-        image = vae.decode(vae.unscale_latents(latents).to(dtype))  # (1, 3, H, W)
+        z = vae.unscale_latents(latents).to(dtype)
+        # tiled: the module itself (an OpenVINO-wrapped VAE keeps it as .module), its GroupNorms patched
+        image = decode_tiled(getattr(vae, "module", vae), z) if tiled else vae.decode(z)  # (1, 3, H, W)
         return to_pil(image)
 
     def _modules(self, control: tuple[ControlUnit, ...]) -> list[torch.nn.Module]:
@@ -268,10 +271,10 @@ class Runner:
                 generator = torch.Generator().manual_seed(seed)
                 start = self.start(s, plan, inputs, generator)
                 if start.clean is not None:  # nothing to denoise: the image itself, through the VAE
-                    image = self.decode(start.clean)
+                    image = self.decode(start.clean, s.vae_tiling)
                 elif refiner is None:
                     x = self.denoise(s, start, cond, generator, on_step, control=inputs.control, on_preview=on_preview)
-                    image = self.decode(self.finish(start, x))
+                    image = self.decode(self.finish(start, x), s.vae_tiling)
                 else:
                     image = self._refine(s, start, cond, refiner, refiner_cond, generator, on_step, on_preview)
                 out.append((seed, image[0]))
@@ -286,7 +289,7 @@ class Runner:
         if len(second.timesteps):
             x = refiner.denoise(s, Start(second, x), refiner_cond, generator, on_step, len(first.timesteps), s.steps,
                                 on_preview=on_preview)
-        return refiner.decode(second.to_vp(x))
+        return refiner.decode(second.to_vp(x), s.vae_tiling)
 
 
 def split_plan(base: Plan, refiner: Plan, switch: float, train_steps: int) -> tuple[Plan, Plan]:

@@ -59,6 +59,7 @@ class Settings:
     eta: float | None = None  # DDIM / ancestral noise amount; None: the sampler's default
     refiner_switch: float = 0.8  # with a refiner: the fraction of the schedule the base model denoises
     tiling: bool = False  # circular padding: the image wraps around without a seam
+    vae_tiling: bool = False  # decode in overlapping windows: big images in little memory (models/vae_tiling.py)
     control: tuple[ControlSettings, ...] = ()
     # editing an image (img2img, inpaint, outpaint); strength None: text to image
     strength: float | None = None  # 0 keeps the image, 1 starts from pure noise

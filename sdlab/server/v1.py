@@ -50,6 +50,7 @@ class JobRequest(BaseModel):
     guidance_rescale: float = Field(_D.guidance_rescale, ge=0, le=1)
     eta: float | None = None
     tiling: bool = _D.tiling
+    vae_tiling: bool = Field(_D.vae_tiling, description="decode in windows: large images in little memory")
     model: str | None = Field(None, description="a name from /v1/models; null: the selected model")
     image: str | None = Field(None, description="base64 image to edit (img2img, inpainting)")
     mask: str | None = Field(None, description="base64 mask of the image's size: white = repaint")
