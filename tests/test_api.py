@@ -106,3 +106,14 @@ def test_replay_refuses_extra_options(folder, tmp_path, capsys):
     assert main(["generate", "a cat", "--model", str(folder), "--steps", "2", "--seed", "1", "--out", str(first)]) == 0
     assert main(["generate", "--replay", str(first), "--steps", "5"]) == 1
     assert "--replay takes no" in capsys.readouterr().err
+
+
+def test_the_openvino_backend_without_openvino_installed_is_a_one_line_error(folder, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+    with pytest.raises(SdlabError, match=r"pip install 'sdlab\[openvino\]'"):
+        sdlab.load(folder, backend="openvino")
+    out = tmp_path / "a.png"
+    assert main(["generate", "a cat", "--model", str(folder), "--backend", "openvino", "--out", str(out)]) == 1
+    assert "sdlab[openvino]" in capsys.readouterr().err and not out.exists()
