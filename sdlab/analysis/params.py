@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from sdlab.config import ModelConfig
 from sdlab.models.clip import CLIPTextModel
+from sdlab.models.empty import empty_modules
 from sdlab.models.unet import UNet, unet_block_groups
 from sdlab.models.vae import AutoencoderKL
 
@@ -57,7 +57,7 @@ def count(module: nn.Module) -> int:
 
 
 def build_on_meta(cfg: ModelConfig) -> dict[str, nn.Module]:
-    with torch.device("meta"):
+    with empty_modules():
         modules: dict[str, nn.Module] = {"unet": UNet(cfg.unet), "vae": AutoencoderKL(cfg.vae)}
         for i, spec in enumerate(cfg.text):
             modules[f"text_encoder{'' if i == 0 else f'_{i + 1}'}"] = CLIPTextModel(spec.encoder)

@@ -35,6 +35,7 @@ from sdlab.config import (
 )
 from sdlab.errors import CheckpointError
 from sdlab.models.clip import CLIPTextModel
+from sdlab.models.empty import empty_modules
 from sdlab.models.unet import UNet
 from sdlab.models.vae import AutoencoderKL
 from sdlab.tokenizer import Tokenizer
@@ -63,7 +64,7 @@ class Components:
 # --- building modules from checked state dicts ---------------------------------------------------
 def build(factory: Callable[[], nn.Module], state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
     """Construct on the meta device, check every key and shape, then adopt the tensors as parameters."""
-    with torch.device("meta"):
+    with empty_modules():
         module = factory()
     check_shapes(state, {k: tuple(v.shape) for k, v in module.state_dict().items()}, source=source)
     module.load_state_dict(state, strict=True, assign=True)

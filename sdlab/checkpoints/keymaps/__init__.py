@@ -10,10 +10,10 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from functools import lru_cache
 from typing import TypeVar
 
-import torch
 from torch import nn
 
 from sdlab.errors import CheckpointError, shorten
+from sdlab.models.empty import empty_modules
 
 T = TypeVar("T")
 C = TypeVar("C", bound=Hashable)
@@ -65,7 +65,7 @@ def meta_shapes(factory: Callable[[C], nn.Module], cfg: C) -> dict[str, tuple[in
 
 @lru_cache(maxsize=32)
 def _meta_shapes(factory: Callable[[C], nn.Module], cfg: C) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
+    with empty_modules():
         model = factory(cfg)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 

@@ -18,6 +18,7 @@ from sdlab.checkpoints.keymaps import check_shapes, rename
 from sdlab.config import TextEncoderConfig
 from sdlab.errors import CheckpointError
 from sdlab.models.clip import ACTIVATIONS, CLIPTextModel
+from sdlab.models.empty import empty_modules
 
 TEXT_MODEL = "text_model."
 POSITION_IDS = "embeddings.position_ids"  # a buffer older transformers versions saved; never a weight
@@ -57,7 +58,7 @@ _REAL_EOS = 49407
 
 def expected_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
     """Every sdlab parameter name and shape for `cfg` (built on the meta device: no memory, no time)."""
-    with torch.device("meta"):
+    with empty_modules():
         model = CLIPTextModel(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
