@@ -351,6 +351,10 @@ def _runner(source, device: torch.device, dtype: torch.dtype, backend: str = "to
         from sdlab.backends.openvino import OpenVINODecoder, OpenVINOUNet
 
         comps.unet, comps.vae = OpenVINOUNet(comps.unet), OpenVINODecoder(comps.vae)
+    elif device.type == "cpu":
+        # oneDNN's convolutions run faster on NHWC: the SD 1.5 U-Net step at 512² in bf16 took 3.23 s
+        # instead of 3.64 s here; the same numbers up to rounding
+        comps.unet.to(memory_format=torch.channels_last)
     return Runner(comps, device, dtype), model_info(Path(comps.source))
 
 
