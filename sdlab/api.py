@@ -337,10 +337,9 @@ def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Non
             raise SdlabError(f"the openvino backend runs on the CPU; got device {device}")
         if dtype == torch.float16:
             raise SdlabError("the openvino backend computes in fp32 or bf16 on the CPU; choose --dtype fp32 or bf16")
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
-            raise SdlabError("the openvino backend needs the openvino package: pip install 'sdlab[openvino]'") from None
+        from sdlab.backends.openvino import require_openvino
+
+        require_openvino()
 
 
 def _runner(source, device: torch.device, dtype: torch.dtype, backend: str = "torch", **options) -> tuple[Runner, ModelInfo]:

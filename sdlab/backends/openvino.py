@@ -2,10 +2,10 @@
 
 PyTorch's CPU attention kernel does not use the bf16 dot-product instructions of CPUs without AMX
 (its bf16 self-attention at 4096 tokens runs no faster than its fp32 one), while OpenVINO's does; on a
-2-core AVX-512-bf16 CPU the SD 1.5 U-Net step at 512² takes about 2.3 s through OpenVINO against 3.8 s
-in eager PyTorch (benchmarks/RESULTS.md).
+2-core AVX-512-bf16 CPU the SD 1.5 U-Net step at 512² in bf16 took 2.13 s through OpenVINO against
+3.98 s in eager PyTorch (benchmarks/RESULTS.md).
 
-`compile_unet` / `compile_vae_decoder` wrap a loaded module: the wrapper keeps the module (its
+`OpenVINOUNet` / `OpenVINODecoder` wrap a loaded module: the wrapper keeps the module (its
 parameters, dtype, and the eager fallback) and runs the same computation through an OpenVINO model
 converted from it with `openvino.convert_model`. The conversion (tracing) is slow for a full-size U-Net,
 so the converted model is cached on disk, keyed by a hash of the weights and the config:
@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,8 @@ PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 FORMAT_VERSION = "1"  # bump when the wrappers' traced signatures change: old cache entries are then ignored
 
 
-def _openvino():
+def require_openvino():
+    """The openvino module, or a one-line error saying how to install it."""
     try:
         import openvino
     except ImportError:
@@ -91,7 +93,7 @@ class _Compiled:
     """A converted model (read from the cache or converted now), compiled once per input shape."""
 
     def __init__(self, graph: nn.Module, example: tuple[Tensor, ...], key: str, precision: str, threads: int | None):
-        ov = _openvino()
+        ov = require_openvino()
         self.core = ov.Core()
         self.config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
@@ -140,12 +142,13 @@ class _Wrapped(nn.Module):
         except AttributeError:
             return getattr(self.module, name)
 
-    def _run(self, role: str, graph: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    def _run(self, role: str, graph: Callable[[], nn.Module], inputs: tuple[Tensor, ...]) -> Tensor:
+        """Run `inputs` through the compiled model; on the first call, `graph()` is what gets converted."""
         if self._compiled is None:
             dtype = next(self.module.parameters()).dtype
             key = weights_key(self.module, role, json.dumps(to_dict(self.module.cfg)), str(len(inputs)))
             example = tuple(x.float() for x in inputs)
-            self._compiled = _Compiled(graph, example, key, PRECISION[dtype], self.threads)
+            self._compiled = _Compiled(graph(), example, key, PRECISION[dtype], self.threads)
         return self._compiled(*inputs)
 
 
@@ -157,7 +160,7 @@ class OpenVINOUNet(_Wrapped):
             return self.module(x, timesteps, context, y=y, control=control)
         t = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1).expand(x.shape[0])  # (B,)
         inputs = (x, t, context) + (() if y is None else (y,))
-        return self._run("unet", _UNetGraph(self.module, y is not None), inputs).to(x.dtype)
+        return self._run("unet", lambda: _UNetGraph(self.module, y is not None), inputs).to(x.dtype)
 
 
 class OpenVINODecoder(_Wrapped):
@@ -166,4 +169,4 @@ class OpenVINODecoder(_Wrapped):
     def decode(self, z: Tensor) -> Tensor:
         if _has_circular_padding(self.module):
             return self.module.decode(z)
-        return self._run("vae-decoder", _DecoderGraph(self.module), (z,)).to(z.dtype)
+        return self._run("vae-decoder", lambda: _DecoderGraph(self.module), (z,)).to(z.dtype)

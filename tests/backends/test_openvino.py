@@ -110,16 +110,11 @@ def test_vae_decoder_matches_and_the_rest_of_the_vae_is_the_modules():
     assert wrapped.cfg is vae.cfg and wrapped.encode == vae.encode
 
 
-def test_pipeline_images_match_the_torch_backend():
+def test_pipeline_images_match_the_torch_backend(default_model_path):
     import sdlab
-    from sdlab.api import default_model
 
-    try:
-        default_model()
-    except SdlabError:
-        pytest.skip("this install has no default model")
-    a = sdlab.load().generate("a red circle on a blue background", seed=3, steps=8)[0]
-    b = sdlab.load(backend="openvino").generate("a red circle on a blue background", seed=3, steps=8)[0]
+    a = sdlab.load(default_model_path).generate("a red circle on a blue background", seed=3, steps=8)[0]
+    b = sdlab.load(default_model_path, backend="openvino").generate("a red circle on a blue background", seed=3, steps=8)[0]
     assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from sdlab.config import PRESETS
@@ -41,25 +40,14 @@ def test_small_latents_are_decoded_whole():
         assert torch.equal(decode_tiled(vae, z, window=16), vae.decode(z))
 
 
-def _default_vae():
-    from sdlab.api import default_model
-    from sdlab.errors import SdlabError
-
-    try:
-        path = default_model()
-    except SdlabError:
-        pytest.skip("this install has no default model")
-    from sdlab.checkpoints.load import load
-
-    return load(path).vae
-
-
-def test_a_tiled_decode_of_a_real_latent_matches_the_whole_decode_without_seams():
+def test_a_tiled_decode_of_a_real_latent_matches_the_whole_decode_without_seams(default_model_path):
     """A 256² two-object scene through the default model's VAE (a trained VAE: random weights and random
     latents have no image statistics to share), decoded in 32x32-latent windows: 3 x 3 of them."""
     from sdlab.train.shapes import PlacedObject, Scene, render_pil
 
-    vae = _default_vae()
+    from sdlab.checkpoints.load import load
+
+    vae = load(default_model_path).vae
     objects = (PlacedObject("blue", "square", "large", x=0.3, y=0.5, half=0.2),
                PlacedObject("red", "star", "large", x=0.7, y=0.4, half=0.15))
     image = render_pil(Scene("yellow", objects, position=None, relation="left of"), size=256)
@@ -77,13 +65,12 @@ def test_a_tiled_decode_of_a_real_latent_matches_the_whole_decode_without_seams(
     assert at_edges.mean() <= 1.5 * error.mean() + 0.1, (at_edges.mean(), error.mean())
 
 
-def test_the_pipeline_option_decodes_in_windows(monkeypatch):
+def test_the_pipeline_option_decodes_in_windows(default_model_path, monkeypatch):
     import sdlab
     import sdlab.pipelines.runner as runner
     from sdlab.pipelines.images import to_pil
 
-    _default_vae()
-    pipe = sdlab.load()
+    pipe = sdlab.load(default_model_path)
     decoded = []
     real = runner.decode_tiled
     monkeypatch.setattr(runner, "decode_tiled", lambda vae, z: decoded.append(real(vae, z, window=8, overlap=2)) or decoded[-1])
