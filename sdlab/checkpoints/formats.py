@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sdlab.atomic import atomic_write
+from sdlab.checkpoints.safetensors_read import read_header, read_tensors
 from sdlab.config import from_dict
 from sdlab.errors import CheckpointError
 
@@ -56,18 +56,17 @@ def _convert(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        with open(path, "rb") as f:
+            return read_header(f, path)[1]
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({_first_line(e)})") from None
 
 
-def _read_safetensors(path: Path, keep: KeyFilter, dtype, device) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, keep: KeyFilter, dtype, device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: _convert(f.get_tensor(k), dtype, device) for k in f.keys() if keep(k)}
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({_first_line(e)})") from None
+        return read_tensors(path, keep, lambda t: _convert(t, dtype, device))
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({_first_line(e)})") from None
 
 
 def _read_pickle(path: Path, keep: KeyFilter, dtype, device) -> tuple[dict[str, torch.Tensor], dict]:
@@ -112,7 +111,7 @@ def read_weights(
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix in SAFETENSORS_SUFFIXES:
-        return _read_safetensors(path, keep, dtype, device), safetensors_metadata(path)
+        return _read_safetensors(path, keep, dtype, device)
     if path.suffix in PICKLE_SUFFIXES:
         return _read_pickle(path, keep, dtype, device)
     raise CheckpointError(
