@@ -9,6 +9,8 @@ between resolutions. Every layer is a plain `nn` layer, so the whole network can
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,8 @@ from torch import Tensor, nn
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 TRANSFORMER_NORM_EPS = 1e-6  # the GroupNorm in front of every SpatialTransformer
 MAX_PERIOD = 10000.0  # longest wavelength of the timestep sinusoid
+# tokens (B, N, C) of an (h, w) grid -> fewer tokens (B, N - r, C) and the map back to N (models/token_merging.py)
+TokenMerge = Callable[[Tensor, tuple[int, int]], tuple[Tensor, Callable[[Tensor], Tensor]]]
 
 
 def timestep_embedding(
@@ -50,7 +54,12 @@ class Attention(nn.Module):
     """Multi-head softmax(q k^T / sqrt(d)) v; self-attention when `context` is None.
 
     `upcast` runs the product in float32 when the inputs are fp16/bf16 (SD2.1-v needs it).
+    `slice_size` (set by `attention_slicing`) attends that many queries at a time: the same result, since
+    each query's softmax is its own, with the scores of a slice only held at once where the attention
+    kernel would otherwise build all N x L of them (PyTorch's flash kernels on CPU and CUDA never do).
     """
+
+    slice_size: int | None = None
 
     def __init__(self, dim: int, heads: int, inner_dim: int, context_dim: int | None = None, upcast: bool = False):
         super().__init__()
@@ -67,11 +76,31 @@ class Attention(nn.Module):
         q = _split_heads(self.to_q(x), self.heads)  # (B, heads, N, head_dim)
         k = _split_heads(self.to_k(context), self.heads)  # (B, heads, L, head_dim)
         v = _split_heads(self.to_v(context), self.heads)
-        if self.upcast and q.dtype in HALF_DTYPES:
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        if self.slice_size is None or self.slice_size >= q.shape[2]:
+            out = self._attend(q, k, v)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = torch.cat([self._attend(part, k, v) for part in q.split(self.slice_size, dim=2)], dim=2)
         return self.to_out(_merge_heads(out))  # (B, N, dim)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # (B, heads, n, head_dim) for n queries
+        if self.upcast and q.dtype in HALF_DTYPES:
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@contextmanager
+def attention_slicing(module: nn.Module, size: int | None, enabled: bool = True) -> Iterator[None]:
+    """Within the block, every Attention of `module` attends `size` queries at a time; restored afterwards."""
+    layers = [m for m in module.modules() if isinstance(m, Attention)]
+    before = [m.slice_size for m in layers]
+    if enabled:
+        for m in layers:
+            m.slice_size = size
+    try:
+        yield
+    finally:
+        for m, old in zip(layers, before):
+            m.slice_size = old
 
 
 class GEGLU(nn.Module):
@@ -97,7 +126,10 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm residual: x + self-attn, + cross-attn to the context, + feed-forward."""
+    """Pre-norm residual: x + self-attn, + cross-attn to the context, + feed-forward.
+
+    `merge`, when set (by models/token_merging.py), shortens the sequence the self-attention sees.
+    """
 
     def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool = False):
         super().__init__()
@@ -107,9 +139,15 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, dim, context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
+        self.merge: TokenMerge | None = None
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: Tensor, context: Tensor, size: tuple[int, int]) -> Tensor:
+        """x (B, H*W, dim) of an image of `size` (H, W), context (B, L, context_dim) -> (B, H*W, dim)."""
+        if self.merge is None:
+            x = x + self.attn1(self.norm1(x))
+        else:
+            merged, unmerge = self.merge(self.norm1(x), size)  # (B, H*W - r, dim)
+            x = x + unmerge(self.attn1(merged))  # (B, H*W, dim)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -148,7 +186,7 @@ class SpatialTransformer(nn.Module):
         else:
             tokens = _to_tokens(self.proj_in(tokens))
         for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+            tokens = block(tokens, context, (h, w))
         if self.linear:
             out = _to_image(self.proj_out(tokens), h, w)  # (B, C, H, W)
         else:
