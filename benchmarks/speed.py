@@ -49,7 +49,7 @@ hidden `--worker openvino`, under --ov-python) that answers JSON-line requests o
 runs alternate with the others like any implementation. Its log: benchmarks/.cache/openvino.log.
 Every implementation holds its model at once, one dtype at a time: the full-size fp32 round needs about
 20 GB of memory (less without sdlab's own OpenVINO backend); `--dtypes bf16` about half of that.
-When `sdlab.api.load` takes `backend=`, "sdlab-openvino" (sdlab on its OpenVINO backend) is one more column.
+"sdlab" is eager PyTorch (`backend="torch"`), "sdlab-openvino" sdlab on its OpenVINO backend.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ import argparse
 import datetime
 import functools
 import gc
-import inspect
 import json
 import os
 import platform
@@ -479,14 +478,11 @@ def ov_timer(request, inputs: dict[str, np.ndarray]) -> Timer:
 
 
 def sdlab_variants() -> dict[str, dict[str, Any]]:
-    """sdlab's implementations: name -> extra `sdlab.load` options. sdlab on its OpenVINO backend
-    joins when `sdlab.api.load` takes `backend` (`sdlab.load` itself only forwards **options)."""
-    import sdlab.api
+    """sdlab's implementations: name -> extra `sdlab.load` options (eager PyTorch, and its OpenVINO backend)."""
+    return {"sdlab": {"backend": "torch"}, "sdlab-openvino": {"backend": "openvino"}}
 
-    variants: dict[str, dict[str, Any]] = {"sdlab": {}}
-    if "backend" in inspect.signature(sdlab.api.load).parameters:
-        variants["sdlab-openvino"] = {"backend": "openvino"}
-    return variants
+
+IMPLS = ("sdlab", "sdlab-openvino", "diffusers", "OpenVINO")  # the columns, in order
 
 
 def local_impl(name: str, folder: Path, threads: int) -> Implementation:
@@ -926,7 +922,8 @@ def versions() -> dict[str, str]:
 
 
 def section(report: Report, scale: Scale, args: argparse.Namespace) -> tuple[str, str]:
-    heading = "## Speed: sdlab, diffusers and OpenVINO side by side" + (" (--quick smoke test)" if args.quick else "")
+    heading = (f"## Speed: sdlab, diffusers and OpenVINO side by side ({', '.join(args.dtypes)})"
+               + (" (--quick smoke test)" if args.quick else ""))
     versions_text = "; ".join(f"{env}: " + ", ".join(f"{k} {v}" for k, v in found.items())
                               for env, found in report.versions.items())
     command = shlex.join(["python", "benchmarks/speed.py", *sys.argv[1:]])
@@ -979,6 +976,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ov-python", type=Path, default=DEFAULT_OV_PYTHON if DEFAULT_OV_PYTHON.exists() else None,
                    help=f"python of the OpenVINO environment (default {DEFAULT_OV_PYTHON}, if it exists)")
     p.add_argument("--no-openvino", action="store_true", help="measure sdlab and diffusers only")
+    p.add_argument("--impls", type=csv(str, IMPLS), help=f"only these implementations (default all: {','.join(IMPLS)})")
     p.add_argument("--sdxl", action="store_true", help="also one SDXL U-Net CFG step at 512² (about 10 GB in fp32)")
     p.add_argument("--write", action="store_true", help="put the results into benchmarks/RESULTS.md")
     p.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
@@ -1014,9 +1012,13 @@ def benchmark(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     CACHE.mkdir(parents=True, exist_ok=True)
     folder = random_folder(scale.preset)
-    impls: dict[str, Implementation] = {n: SdlabImpl(n, folder, **options) for n, options in sdlab_variants().items()}
-    impls[DiffusersImpl.name] = DiffusersImpl(folder)
-    ov_folder, remote = start_openvino(args, folder)
+    wanted = set(args.impls or IMPLS)
+    impls: dict[str, Implementation] = {
+        n: SdlabImpl(n, folder, **options) for n, options in sdlab_variants().items() if n in wanted
+    }
+    if DiffusersImpl.name in wanted:
+        impls[DiffusersImpl.name] = DiffusersImpl(folder)
+    ov_folder, remote = start_openvino(args, folder) if OpenVINOImpl.name in wanted else (None, None)
     if remote is not None:
         impls[remote.name] = remote
     report = Report(names=list(impls), versions={"sdlab's environment": versions()})

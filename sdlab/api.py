@@ -17,7 +17,8 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from sdlab.checkpoints.load import component_weights_file, load as load_componen
 from sdlab.diffusion.samplers import display_name
 from sdlab.errors import SdlabError
 from sdlab.models.controlnet import ControlNet
+from sdlab.models.layers import attention_slicing
 from sdlab.pipelines.edit import ControlInput, make_images
 from sdlab.pipelines.images import load_image, read_png_text, save_png
 from sdlab.pipelines.masks import extend_canvas
@@ -66,6 +68,8 @@ def _image(image: ImageLike, what: str = "image") -> Image.Image:
     raise SdlabError(f"{what} must be a PIL image or a file path, got {type(image).__name__}")
 
 
+LOW_MEMORY_UNTILED_PIXELS = 512 * 512  # with low_memory, larger images decode in tiles (Settings.vae_tiling)
+LOW_MEMORY_SLICE = 1024  # with low_memory, queries per attention slice (models.layers.attention_slicing)
 DEFAULT_MODEL = "shapes-64.safetensors"  # trained by `sdlab train` (README), shipped as package data
 
 
@@ -128,8 +132,10 @@ class Pipeline:
     also mask_blur, fill, only_masked, padding, composite. Width and height of an edit default to the
     image's size (rounded down to a multiple of 8)."""
 
-    def __init__(self, runner: Runner, info: ModelInfo, refiner: tuple[Runner, ModelInfo] | None = None):
+    def __init__(self, runner: Runner, info: ModelInfo, refiner: tuple[Runner, ModelInfo] | None = None,
+                 low_memory: bool = False):
         self.runner = runner
+        self.low_memory = low_memory
         self.info = info
         self.config = runner.config
         self.refiner = refiner
@@ -192,8 +198,14 @@ class Pipeline:
             ControlInput(self._controlnet(c.model), im, c) for c, im in zip(settings.control, control_images)
         )
         refiner = None if self.refiner is None else self.refiner[0]
-        made = make_images(self.runner, settings, on_step, refiner, image=image, mask=mask, controls=controls,
-                           on_preview=on_preview)
+        if self.low_memory and settings.width * settings.height > LOW_MEMORY_UNTILED_PIXELS:
+            settings = replace(settings, vae_tiling=True)
+        unets = [r.components.unet for r in (self.runner, refiner) if r is not None]
+        with ExitStack() as stack:
+            for unet in unets:
+                stack.enter_context(attention_slicing(unet, LOW_MEMORY_SLICE, enabled=self.low_memory))
+            made = make_images(self.runner, settings, on_step, refiner, image=image, mask=mask, controls=controls,
+                               on_preview=on_preview)
         images = []
         for seed, result in made:
             one = Settings.from_dict({**settings.to_dict(), "seed": seed, "batch": 1})
@@ -224,8 +236,10 @@ class Pipeline:
             "Model": self.info.name,
             "Denoising strength": None if s.strength is None else f"{s.strength:g}",
             "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
+            "Token merging ratio": f"{s.token_merging:g}" if s.token_merging else None,
             "Tiling": True if s.tiling else None,
             "Tiled VAE": True if s.vae_tiling else None,
+            "CFG end": f"{s.cfg_end:g}" if s.cfg_end < 1 else None,
             "Mask blur": s.mask_blur if masked else None,
             "Masked content": FILL_NAMES[s.fill] if masked else None,
             "Inpaint area": "Only masked" if masked and s.only_masked else None,
@@ -300,12 +314,15 @@ def load(
     config: str | None = None,
     prediction_type: str | None = None,
     refiner: str | os.PathLike | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
+    low_memory: bool = False,
 ) -> Pipeline:
     """Load a model once: None for sdlab's default model, a diffusers folder, a single file or a repo id.
     dtype defaults to fp32 on the CPU and fp16 on CUDA. `refiner` (an SDXL refiner) takes over the
     latents at `refiner_switch` of each generation. `backend="openvino"` runs the U-Net and the VAE
-    decoder through OpenVINO on the CPU (sdlab.backends.openvino; converted once, cached on disk)."""
+    decoder through OpenVINO on the CPU (sdlab.backends.openvino; converted once, cached on disk);
+    "auto" (the default) chooses it where it is faster (`choose_backend`), else "torch". `low_memory`
+    decodes images larger than 512x512 in tiles and attends in slices of queries."""
     source = default_model() if model is None else model
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -323,10 +340,25 @@ def load(
                 f"a refiner hands off from an SDXL base to an SDXL refiner; got {base[0].config.family} "
                 f"and {second[0].config.family}"
             )
-    return Pipeline(*base, second)
+    return Pipeline(*base, second, low_memory=low_memory)
 
 
-BACKENDS = ("torch", "openvino")
+BACKENDS = ("auto", "torch", "openvino")
+# U-Nets at least this big run faster through OpenVINO on the CPU (SD 1.5's 860M: 2.1 s a step in bf16
+# against 3.5 s eager, benchmarks/RESULTS.md); small ones, like the default model's 11M, do not repay
+# the one-off conversion
+OPENVINO_MIN_PARAMETERS = 200_000_000
+
+
+def choose_backend(unet: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> str:
+    """"auto": OpenVINO for a large U-Net on the CPU in fp32 or bf16, when openvino is installed; else torch."""
+    if device.type != "cpu" or dtype == torch.float16:
+        return "torch"
+    if sum(p.numel() for p in unet.parameters()) < OPENVINO_MIN_PARAMETERS:
+        return "torch"
+    from importlib.util import find_spec
+
+    return "openvino" if find_spec("openvino") is not None else "torch"
 
 
 def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -346,10 +378,16 @@ def _runner(source, device: torch.device, dtype: torch.dtype, backend: str = "to
     comps = load_components(source, dtype=dtype, device=device, **options)
     if dtype == torch.float16 and comps.config.vae.force_upcast:
         comps.vae.float()  # the SD VAE overflows in fp16; diffusers upcasts it the same way
+    if backend == "auto":
+        backend = choose_backend(comps.unet, device, dtype)
     if backend == "openvino":
         from sdlab.backends.openvino import OpenVINODecoder, OpenVINOUNet
 
-        comps.unet, comps.vae = OpenVINOUNet(comps.unet), OpenVINODecoder(comps.vae)
+        def reload(part: str):  # the weights again, for an eager call after OpenVINO took over (ControlNet, tiling)
+            return lambda: getattr(load_components(source, dtype=dtype, device=device, **options), part).state_dict()
+
+        comps.unet = OpenVINOUNet(comps.unet, reload=reload("unet"))
+        comps.vae = OpenVINODecoder(comps.vae, reload=reload("vae"))
     elif device.type == "cpu":
         # oneDNN's convolutions run faster on NHWC: the SD 1.5 U-Net step at 512² in bf16 took 3.23 s
         # instead of 3.64 s here; the same numbers up to rounding

@@ -85,7 +85,8 @@ class _Progress:
 
 
 GENERATION_OPTIONS = ("negative", "steps", "guidance", "sampler", "schedule", "width", "height", "seed", "batch",
-                      "clip_skip", "guidance_rescale", "eta", "refiner_switch", "tiling", "vae_tiling")
+                      "clip_skip", "guidance_rescale", "eta", "refiner_switch", "tiling", "vae_tiling", "cfg_end",
+                      "token_merging")
 EDIT_OPTIONS = ("strength", "mask_blur", "fill", "only_masked", "padding", "composite")
 
 
@@ -119,7 +120,7 @@ def _load(args: argparse.Namespace, model=None, refiner=None, dtype=None, device
     return api.load(
         model or args.model, device=device or args.device or "cpu", dtype=dtype or args.dtype, config=args.config,
         prediction_type=args.prediction_type, refiner=refiner or getattr(args, "refiner", None),
-        backend=args.backend,
+        backend=args.backend, low_memory=args.low_memory,
     )
 
 
@@ -209,8 +210,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default cpu)")
     p.add_argument("--config", help="preset for reading a single file, when detection is not enough")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected one")
-    p.add_argument("--backend", choices=["torch", "openvino"], default="torch",
-                   help="run the U-Net and VAE decoder in PyTorch, or through OpenVINO on the CPU (default torch)")
+    p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
+                   help="run the U-Net and VAE decoder in PyTorch, or through OpenVINO on the CPU; auto (the default) "
+                        "takes OpenVINO for large models on the CPU when it is installed")
+    p.add_argument("--low-memory", action="store_true",
+                   help="decode images larger than 512x512 in tiles and attend in slices: less memory, a little slower")
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -230,6 +234,11 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiling", action="store_true", default=None, help="seamless: the image wraps around at its edges")
     p.add_argument("--vae-tiling", action="store_true", default=None,
                    help="decode the image in overlapping windows: large images in little memory")
+    g = p.add_argument_group("approximate speed-ups (they change the image)")
+    g.add_argument("--cfg-end", type=float, metavar="F",
+                   help="guide only the first fraction F of the steps; later steps skip the unconditional pass (default 1)")
+    g.add_argument("--token-merging", type=float, metavar="R",
+                   help="merge the fraction R of full-resolution tokens before self-attention, up to 0.75 (default 0)")
     p.add_argument("--out", default="outputs", help="a .png path or a folder (default: outputs/)")
     g = p.add_argument_group("ControlNet (repeat --controlnet and --control-image for several)")
     g.add_argument("--controlnet", action="append", metavar="PATH", help="a ControlNet: diffusers folder or single file")
@@ -373,8 +382,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     limits = Limits(max_pixels=args.max_size, max_steps=args.max_steps, max_batch=args.max_batch)
     cfg = ServerConfig(model=args.model, models_dir=args.models_dir, device=args.device or "cpu", dtype=args.dtype,
-                       config=args.config, prediction_type=args.prediction_type, backend=args.backend, auth=args.auth,
-                       queue=args.queue, limits=limits)
+                       config=args.config, prediction_type=args.prediction_type, backend=args.backend,
+                       low_memory=args.low_memory, auth=args.auth, queue=args.queue, limits=limits)
     serve(cfg, host=args.host, port=args.port)
     return 0
 

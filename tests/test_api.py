@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import sdlab
 from sdlab.cli import main
@@ -117,3 +118,51 @@ def test_the_openvino_backend_without_openvino_installed_is_a_one_line_error(fol
     out = tmp_path / "a.png"
     assert main(["generate", "a cat", "--model", str(folder), "--backend", "openvino", "--out", str(out)]) == 1
     assert "sdlab[openvino]" in capsys.readouterr().err and not out.exists()
+
+
+def test_auto_backend_takes_openvino_only_for_large_models_on_the_cpu(monkeypatch):
+    import importlib.util
+
+    from torch import nn
+
+    from sdlab.api import choose_backend
+
+    small, large = nn.Linear(10, 10, device="meta"), nn.Linear(20_000, 10_000, device="meta")  # 200M parameters
+    cpu = torch.device("cpu")
+    assert choose_backend(small, cpu, torch.float32) == "torch"
+    assert choose_backend(large, cpu, torch.bfloat16) == "openvino"
+    assert choose_backend(large, cpu, torch.float32) == "openvino"
+    assert choose_backend(large, cpu, torch.float16) == "torch"
+    assert choose_backend(large, torch.device("cuda"), torch.bfloat16) == "torch"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # openvino not installed
+    assert choose_backend(large, cpu, torch.float32) == "torch"
+
+
+def test_the_default_backend_runs_small_models_eagerly(pipe):
+    from sdlab.backends.openvino import OpenVINOUNet
+
+    assert not isinstance(pipe.runner.components.unet, OpenVINOUNet)
+
+
+def test_low_memory_tiles_large_decodes_and_slices_attention(folder, monkeypatch):
+    from sdlab.models.layers import Attention
+
+    low = sdlab.load(folder, low_memory=True)
+    plain = sdlab.load(folder)
+    small = dict(steps=1, seed=2, sampler="euler")
+    a, b = low.generate("a cat", **small)[0], plain.generate("a cat", **small)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))  # slicing is exact; 32x32 is not tiled
+    assert "Tiled VAE" not in a.info["parameters"]
+    slices = []
+    for m in low.runner.components.unet.modules():
+        if isinstance(m, Attention):
+            m.register_forward_pre_hook(lambda mod, args: slices.append(mod.slice_size))
+    monkeypatch.setattr(sdlab.api, "LOW_MEMORY_UNTILED_PIXELS", 32 * 32)  # "large" for a tiny model
+    monkeypatch.setattr(sdlab.api, "LOW_MEMORY_SLICE", 100)  # fewer than the 576 queries of 48x48 at f=2
+    large = dict(small, width=48, height=48)
+    c = low.generate("a cat", **large)[0]
+    assert set(slices) == {sdlab.api.LOW_MEMORY_SLICE}
+    assert "Tiled VAE: True" in c.info["parameters"]
+    d = plain.generate("a cat", vae_tiling=True, **large)[0]
+    assert np.array_equal(np.asarray(c), np.asarray(d))
+    assert all(m.slice_size is None for m in low.runner.components.unet.modules() if isinstance(m, Attention))

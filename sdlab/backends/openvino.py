@@ -13,8 +13,12 @@ so the converted model is cached on disk, keyed by a hash of the weights and the
     $SDLAB_CACHE or ~/.cache/sdlab / openvino / <key> / model.xml, model.bin
 
 Each input shape is compiled once (static shapes run fastest on the CPU plugin). Calls the converted
-graph cannot express fall back to eager PyTorch: ControlNet residuals, and seamless tiling (the
-circular padding is switched on the module's convolutions at run time).
+graph cannot express fall back to eager PyTorch: ControlNet residuals, seamless tiling (the circular
+padding is switched on the module's convolutions at run time) and token merging.
+
+Given a `reload` function, a wrapper lets go of the module's weights once OpenVINO holds its own
+compiled copy (the module stays, on the meta device: its structure, config and dtype), and reads them
+back only if an eager call needs them: the SD 1.5 pipeline then holds one copy of the U-Net, not two.
 """
 
 from __future__ import annotations
@@ -64,8 +68,12 @@ def weights_key(module: nn.Module, *parts: str) -> str:
     return h.hexdigest()[:32]
 
 
-def _has_circular_padding(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) and m.padding_mode == "circular" for m in module.modules())
+def _patched(module: nn.Module) -> bool:
+    """Switched at run time to something the converted graph does not have: circular padding, token merging."""
+    return any(
+        (isinstance(m, nn.Conv2d) and m.padding_mode == "circular") or getattr(m, "merge", None) is not None
+        for m in module.modules()
+    )
 
 
 # --- what gets traced: fp32 tensors in and out, the module's own dtype inside ---------------------------
@@ -110,7 +118,7 @@ class _Compiled:
             os.replace(staging / "model.bin", folder / "model.bin")
             os.replace(staging / "model.xml", folder / "model.xml")
             staging.rmdir()
-        self.model = self.core.read_model(folder / "model.xml")
+        self.path = folder / "model.xml"
         self.requests: dict[tuple, object] = {}
 
     def __call__(self, *inputs: Tensor) -> Tensor:
@@ -118,7 +126,9 @@ class _Compiled:
         shapes = tuple(a.shape for a in arrays)
         request = self.requests.get(shapes)
         if request is None:
-            model = self.model.clone()
+            # read for each new shape and let go after compiling: the compiled model holds what it needs,
+            # and keeping the read model would keep its weights (memory-mapped from model.bin) resident too
+            model = self.core.read_model(self.path)
             model.reshape({port.any_name: list(a.shape) for port, a in zip(model.inputs, arrays)})
             request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
             self.requests[shapes] = request
@@ -126,14 +136,21 @@ class _Compiled:
         return torch.from_numpy(np.array(result[request.model_outputs[0]]))
 
 
+Reload = Callable[[], dict[str, Tensor]]  # the module's state dict, read again from its file
+
+
 class _Wrapped(nn.Module):
     """A loaded module, run through OpenVINO where the converted graph can; every other attribute
     (parameters, cfg, other methods) is the module's own."""
 
-    def __init__(self, module: nn.Module, threads: int | None = None):
+    released_part = ""  # the submodule whose weights the compiled graph replaces ("" = the whole module)
+
+    def __init__(self, module: nn.Module, threads: int | None = None, reload: Reload | None = None):
         super().__init__()
         self.module = module
         self.threads = threads
+        self.reload = reload
+        self.released = False
         self._compiled: _Compiled | None = None
 
     def __getattr__(self, name: str):
@@ -149,15 +166,28 @@ class _Wrapped(nn.Module):
             key = weights_key(self.module, role, json.dumps(to_dict(self.module.cfg)), str(len(inputs)))
             example = tuple(x.float() for x in inputs)
             self._compiled = _Compiled(graph(), example, key, PRECISION[dtype], self.threads)
+            if self.reload is not None:  # converted and on disk: OpenVINO compiles from there, not from these
+                self.module.get_submodule(self.released_part).to("meta")
+                self.released = True
         return self._compiled(*inputs)
+
+    @property
+    def eager_module(self) -> nn.Module:
+        """The module with its weights, read back from the file if they were let go."""
+        if self.released:
+            state = self.reload()
+            self.module.load_state_dict(state, strict=True, assign=True)
+            self.module.requires_grad_(False)
+            self.released = False
+        return self.module
 
 
 class OpenVINOUNet(_Wrapped):
     """Plain U-Net calls run through OpenVINO; calls with ControlNet residuals or tiling run eagerly."""
 
     def forward(self, x: Tensor, timesteps: Tensor | float, context: Tensor, y: Tensor | None = None, control=None) -> Tensor:
-        if control is not None or _has_circular_padding(self.module):
-            return self.module(x, timesteps, context, y=y, control=control)
+        if control is not None or _patched(self.module):
+            return self.eager_module(x, timesteps, context, y=y, control=control)
         t = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1).expand(x.shape[0])  # (B,)
         inputs = (x, t, context) + (() if y is None else (y,))
         return self._run("unet", lambda: _UNetGraph(self.module, y is not None), inputs).to(x.dtype)
@@ -166,7 +196,9 @@ class OpenVINOUNet(_Wrapped):
 class OpenVINODecoder(_Wrapped):
     """A VAE whose `decode` runs through OpenVINO (tiling: eagerly); encode and the rest are the module's."""
 
+    released_part = "decoder"  # the encoder stays: img2img and inpainting encode eagerly
+
     def decode(self, z: Tensor) -> Tensor:
-        if _has_circular_padding(self.module):
-            return self.module.decode(z)
+        if _patched(self.module):
+            return self.eager_module.decode(z)
         return self._run("vae-decoder", lambda: _DecoderGraph(self.module), (z,)).to(z.dtype)

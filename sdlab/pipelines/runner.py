@@ -13,6 +13,7 @@ again alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -25,7 +26,9 @@ from sdlab.checkpoints.load import Components
 from sdlab.diffusion.denoiser import Denoiser, guided
 from sdlab.diffusion.samplers import Plan, Step, prepare
 from sdlab.errors import SdlabError
+from sdlab.models.preview import previewer_for
 from sdlab.models.tiling import circular_padding
+from sdlab.models.token_merging import token_merging
 from sdlab.models.unet import added_condition
 from sdlab.models.vae_tiling import decode_tiled
 from sdlab.pipelines.controlnet import ControlUnit, control_residuals
@@ -37,7 +40,7 @@ from sdlab.pipelines.settings import Settings
 from sdlab.prompts import encode_prompt_pair
 
 StepCallback = Callable[[int, int], None]  # (step done, total steps)
-PreviewCallback = Callable[[Tensor], None]  # x̂0 after each step: VP latents (1, 4, h, w); decode() makes a picture
+PreviewCallback = Callable[[Tensor], None]  # x̂0 after each step: VP latents (1, 4, h, w); preview() makes a quick picture
 
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # SDXL refiner defaults (diffusers, ComfyUI)
 
@@ -81,6 +84,7 @@ class Runner:
         self.config = components.config
         self.device = torch.device(device)
         self.dtype = dtype
+        self.previewer = previewer_for(self.config, components.vae, self.device)  # None: previews decode with the VAE
 
     @property
     def inpainting_model(self) -> bool:
@@ -120,17 +124,27 @@ class Runner:
         unet = self.components.unet
         steps = len(plan.timesteps)
 
+        def step_of(t: Tensor) -> int:  # the step a call belongs to (a second-order sampler calls twice per step)
+            return int((plan.timesteps > float(t[0]) + 1e-3).sum())
+
         def net(x_in: Tensor, t: Tensor, c: Conditioning, cfg: bool) -> Tensor:  # x_in (B, 4, h, w), t (B,)
-            step = int((plan.timesteps > float(t[0]) + 1e-3).sum())  # the step this call belongs to
-            residuals = control_residuals(control, x_in.to(self.dtype), t, c.context, c.y, step, steps, cfg)
+            residuals = control_residuals(control, x_in.to(self.dtype), t, c.context, c.y, step_of(t), steps, cfg)
             if start.concat is not None:
                 x_in = torch.cat([x_in, start.concat.expand(x_in.shape[0], -1, -1, -1)], dim=1)  # (B, 9, h, w)
             return unet(x_in.to(self.dtype), t, c.context, y=c.y, control=residuals).float()
 
-        if s.guidance > 1.0:
-            return guided(lambda x, t: net(x, t, cond, True), s.guidance, s.guidance_rescale)
         positive = cond.positive()
-        return lambda x, t: net(x, t, positive, False)
+        unguided = lambda x, t: net(x, t, positive, False)  # noqa: E731
+        if s.guidance <= 1.0:
+            return unguided
+        full = guided(lambda x, t: net(x, t, cond, True), s.guidance, s.guidance_rescale)
+        if s.cfg_end >= 1.0:
+            return full
+        # CFG truncation: late steps mostly refine detail, where guidance changes little; they skip the
+        # unconditional half of the batch and so cost half as much. By noise level: a call at or below the σ
+        # of the first unguided step is unguided, a second-order sampler's corrector of the step before included
+        guided_steps = math.ceil(s.cfg_end * steps)
+        return lambda x, t: full(x, t) if step_of(t) < guided_steps else unguided(x, t)
 
     def plan(self, s: Settings) -> Plan:
         return prepare(s.sampler, self.config.schedule, s.steps, s.schedule)
@@ -245,9 +259,20 @@ class Runner:
         vae = self.components.vae
         dtype = next(vae.parameters()).dtype  # fp32 when an fp16 pipeline upcasts the VAE
         z = vae.unscale_latents(latents).to(dtype)
-        # tiled: the module itself (an OpenVINO-wrapped VAE keeps it as .module), its GroupNorms patched
-        image = decode_tiled(getattr(vae, "module", vae), z) if tiled else vae.decode(z)  # (1, 3, H, W)
+        # tiled: the module itself (an OpenVINO-wrapped VAE keeps it as .eager_module), its GroupNorms patched
+        image = decode_tiled(getattr(vae, "eager_module", vae), z) if tiled else vae.decode(z)  # (1, 3, H, W)
         return to_pil(image)
+
+    @torch.no_grad()
+    def preview(self, latents: Tensor) -> list[Image.Image]:
+        """x̂0 latents (B, 4, h, w) -> quick pictures at the image's size, through the model's cheap previewer
+        (sdlab.models.preview), or the VAE decoder for a model without one."""
+        if self.previewer is None:
+            return self.decode(latents)
+        f = self.config.vae.downscale
+        size = (latents.shape[-1] * f, latents.shape[-2] * f)
+        images = to_pil(self.previewer(latents.to(self.device, torch.float32)))  # (B, 3, h or f·h, w or f·w)
+        return [im if im.size == size else im.resize(size, Image.NEAREST) for im in images]
 
     def _modules(self, control: tuple[ControlUnit, ...]) -> list[torch.nn.Module]:
         return [self.components.unet, self.components.vae, *(u.net for u in control)]
@@ -265,7 +290,8 @@ class Runner:
         out = []
         plan = self.plan(s)
         modules = self._modules(inputs.control) + ([] if refiner is None else refiner._modules(()))
-        with circular_padding(*modules, enabled=s.tiling):
+        merging = token_merging(self.components.unet, s.token_merging, enabled=s.token_merging > 0)
+        with circular_padding(*modules, enabled=s.tiling), merging:
             for i in range(s.batch):
                 seed = s.seed + i
                 generator = torch.Generator().manual_seed(seed)

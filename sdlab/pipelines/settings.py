@@ -13,6 +13,7 @@ from sdlab.errors import SdlabError
 
 SCHEDULES = ("default", "karras", "exponential")
 MAX_SEED = 2**32 - 1  # A1111 seeds are unsigned 32-bit
+MAX_TOKEN_MERGING = 0.75  # ToMe merges at most 3 of each 4 tokens: one destination per 2x2 cell
 Fill = Literal["original", "noise", "nothing", "fill"]  # A1111 "masked content": 1, 2, 3, 0
 FILLS: tuple[str, ...] = get_args(Fill)
 Preprocess = Literal["none", "canny"]
@@ -60,6 +61,9 @@ class Settings:
     refiner_switch: float = 0.8  # with a refiner: the fraction of the schedule the base model denoises
     tiling: bool = False  # circular padding: the image wraps around without a seam
     vae_tiling: bool = False  # decode in overlapping windows: big images in little memory (models/vae_tiling.py)
+    # approximate speed-ups, off by default: they change the image
+    cfg_end: float = 1.0  # guidance for this fraction of the steps, then the conditional pass alone (CFG truncation)
+    token_merging: float = 0.0  # fraction of full-resolution tokens merged before self-attention (ToMe for SD)
     control: tuple[ControlSettings, ...] = ()
     # editing an image (img2img, inpaint, outpaint); strength None: text to image
     strength: float | None = None  # 0 keeps the image, 1 starts from pure noise
@@ -85,6 +89,10 @@ class Settings:
             raise SdlabError(f"guidance must be a finite number, got {self.guidance}")
         if not math.isfinite(self.guidance_rescale) or not 0 <= self.guidance_rescale <= 1:
             raise SdlabError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
+        if not (math.isfinite(self.cfg_end) and 0 <= self.cfg_end <= 1):
+            raise SdlabError(f"cfg end must be in [0, 1] (the fraction of steps with guidance), got {self.cfg_end}")
+        if not (math.isfinite(self.token_merging) and 0 <= self.token_merging <= MAX_TOKEN_MERGING):
+            raise SdlabError(f"token merging must be in [0, {MAX_TOKEN_MERGING}], got {self.token_merging}")
         if not 0 < self.refiner_switch <= 1:
             raise SdlabError(f"refiner switch must be in (0, 1], got {self.refiner_switch}")
         if self.batch < 1:

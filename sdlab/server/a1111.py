@@ -26,7 +26,7 @@ from sdlab.errors import SdlabError
 from sdlab.pipelines.images import read_png_text
 from sdlab.pipelines.masks import load_mask
 from sdlab.pipelines.metadata import PARAMETERS_KEY, parse_parameters
-from sdlab.pipelines.settings import MAX_SEED, Settings
+from sdlab.pipelines.settings import MAX_SEED, MAX_TOKEN_MERGING, Settings
 from sdlab.server.codec import FieldError, decode_base64, decode_image, encode_base64
 from sdlab.server.jobs import Job
 from sdlab.server.service import Service, as_field_error, known_sampler
@@ -37,6 +37,7 @@ FIELDS = {
     "batch": "batch_size", "strength": "denoising_strength", "fill": "inpainting_fill",
     "only_masked": "inpaint_full_res", "padding": "inpaint_full_res_padding",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers", "image": "init_images",
+    "token_merging": "override_settings.token_merging_ratio",
 }  # fmt: skip
 FILL_CODES = ("fill", "original", "noise", "nothing")  # A1111's inpainting_fill 0..3
 # A1111's "Automatic" schedule: the sampler's own default (its sd_samplers_kdiffusion options)
@@ -187,15 +188,24 @@ def _settings(req: GenerationRequest, service: Service) -> tuple[Settings, Any]:
     clip_skip = overrides.get("CLIP_stop_at_last_layers", service.options["CLIP_stop_at_last_layers"])
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1:
         raise FieldError("override_settings.CLIP_stop_at_last_layers", f"must be a whole number >= 1, got {clip_skip!r}")
+    token_merging = _token_merging(overrides.get("token_merging_ratio", service.options["token_merging_ratio"]),
+                                   "override_settings.token_merging_ratio")
     key = resolve_sampler(req.sampler)[0]
     takes_eta = "eta" in inspect.signature(SAMPLERS[key].fn).parameters  # A1111 ignores eta where unused
     settings = Settings(
         prompt=req.prompt, negative=req.negative_prompt, steps=req.steps, guidance=req.cfg_scale,
         sampler=req.sampler, schedule=_schedule(req.scheduler, req.sampler), width=req.width, height=req.height,
         seed=None if req.seed == -1 else req.seed, batch=req.batch_size * req.n_iter, clip_skip=clip_skip,
-        eta=req.eta if takes_eta else None, tiling=bool(req.tiling),
+        eta=req.eta if takes_eta else None, tiling=bool(req.tiling), token_merging=token_merging,
     )
     return settings, entry
+
+
+def _token_merging(value: Any, field: str) -> float:
+    """A1111's token_merging_ratio option: a number in [0, 0.75] (0 = off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_TOKEN_MERGING:
+        raise FieldError(field, f"must be a number in [0, {MAX_TOKEN_MERGING}], got {value!r}")
+    return float(value)
 
 
 def _check_batch(req: GenerationRequest, service: Service) -> None:
@@ -366,7 +376,10 @@ def router(service: Service) -> APIRouter:
     @api.post("/options")
     async def set_options(options: dict[str, Any]) -> None:
         """sd_model_checkpoint (a title, name or hash from /sd-models) switches the model once the running
-        and queued jobs are done; CLIP_stop_at_last_layers sets the default clip skip; others are ignored."""
+        and queued jobs are done; CLIP_stop_at_last_layers sets the default clip skip, token_merging_ratio the
+        default token merging; others are ignored."""
+        merging = _token_merging(options.get("token_merging_ratio", service.options["token_merging_ratio"]),
+                                 "token_merging_ratio")
         clip_skip = options.get("CLIP_stop_at_last_layers", service.options["CLIP_stop_at_last_layers"])
         if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1:
             raise FieldError("CLIP_stop_at_last_layers", f"must be a whole number >= 1, got {clip_skip!r}")
@@ -374,6 +387,7 @@ def router(service: Service) -> APIRouter:
         if options.get("sd_model_checkpoint") is not None:
             entry = service.model(str(options["sd_model_checkpoint"]), "sd_model_checkpoint")
         service.options["CLIP_stop_at_last_layers"] = clip_skip
+        service.options["token_merging_ratio"] = merging
         if entry is not None and entry != service.host.selected:
             job = Job(Settings(prompt=""), "switch", model=entry, origin="a1111")
             service.queue.submit(job, bypass_limit=True)

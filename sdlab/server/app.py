@@ -41,7 +41,8 @@ class ServerConfig:
     dtype: str | None = None
     config: str | None = None  # preset for reading a single file
     prediction_type: str | None = None
-    backend: str = "torch"  # or "openvino" (sdlab.api.load)
+    backend: str = "auto"  # or "torch", "openvino" (sdlab.api.load)
+    low_memory: bool = False  # tiled VAE above 512x512, sliced attention (sdlab.api.load)
     auth: str | None = None  # "TOKEN" (Bearer, or Basic with it as password) or "USER:PASS" (Basic)
     queue: int = 8  # waiting jobs before 429
     limits: Limits = field(default_factory=Limits)
@@ -54,7 +55,7 @@ class ServerConfig:
 def make_service(cfg: ServerConfig) -> Service:
     def loader(source: str):
         return api.load(source, device=cfg.device, dtype=cfg.dtype, config=cfg.config,
-                        prediction_type=cfg.prediction_type, backend=cfg.backend)
+                        prediction_type=cfg.prediction_type, backend=cfg.backend, low_memory=cfg.low_memory)
 
     return Service(Catalog(cfg.models_dir, cfg.model), loader, cfg.limits, queue=cfg.queue,
                    keep_seconds=cfg.keep_seconds, keep_jobs=cfg.keep_jobs, preview_interval=cfg.preview_interval)

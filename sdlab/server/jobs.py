@@ -268,7 +268,7 @@ class JobQueue:
             now = time.monotonic()
             if now - job.preview_asked > PREVIEW_INTEREST_S or now - job.preview_made < self.preview_interval:
                 return
-            job.preview = png_bytes(pipe.runner.decode(latents[:1])[0])
+            job.preview = png_bytes(pipe.runner.preview(latents[:1])[0])
             job.preview_made = now
             job.preview_version += 1
 

@@ -75,7 +75,7 @@ class Service:
         self.host = ModelHost(catalog, loader)
         self.queue = JobQueue(self.host, queue, keep_seconds=keep_seconds, keep_jobs=keep_jobs,
                               preview_interval=preview_interval)
-        self.options: dict[str, object] = {"CLIP_stop_at_last_layers": 1}  # A1111 options sdlab honours
+        self.options: dict[str, object] = {"CLIP_stop_at_last_layers": 1, "token_merging_ratio": 0.0}  # A1111 options sdlab honours
         self._started = False
         self._start_lock = threading.Lock()
 

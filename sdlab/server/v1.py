@@ -20,7 +20,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sdlab.pipelines.settings import FILLS, MAX_SEED, SCHEDULES, Settings
+from sdlab.pipelines.settings import FILLS, MAX_SEED, MAX_TOKEN_MERGING, SCHEDULES, Settings
 from sdlab.server.codec import FieldError, decode_image, encode_base64
 from sdlab.server.jobs import FINISHED, Job
 from sdlab.server.service import Service, known_sampler
@@ -51,6 +51,10 @@ class JobRequest(BaseModel):
     eta: float | None = None
     tiling: bool = _D.tiling
     vae_tiling: bool = Field(_D.vae_tiling, description="decode in windows: large images in little memory")
+    cfg_end: float = Field(_D.cfg_end, ge=0, le=1, description="fraction of steps with guidance; later steps skip "
+                           "the unconditional pass (faster, approximate)")
+    token_merging: float = Field(_D.token_merging, ge=0, le=MAX_TOKEN_MERGING,
+                                 description="fraction of full-resolution tokens merged (faster, approximate)")
     model: str | None = Field(None, description="a name from /v1/models; null: the selected model")
     image: str | None = Field(None, description="base64 image to edit (img2img, inpainting)")
     mask: str | None = Field(None, description="base64 mask of the image's size: white = repaint")

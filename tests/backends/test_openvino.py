@@ -9,6 +9,7 @@ import torch
 from sdlab.config import PRESETS
 from sdlab.errors import SdlabError
 from sdlab.models.tiling import circular_padding
+from sdlab.models.token_merging import token_merging
 from sdlab.models.unet import UNet
 from sdlab.models.vae import AutoencoderKL
 
@@ -93,10 +94,46 @@ def test_controlnet_and_tiling_calls_run_the_eager_module(monkeypatch):
     with torch.no_grad():
         with circular_padding(unet):
             assert torch.equal(wrapped(x, t, context), unet(x, t, context))
+        with token_merging(unet, 0.5):
+            assert torch.equal(wrapped(x, t, context), unet(x, t, context))
         vae = AutoencoderKL(PRESETS["tiny-sd1"].vae).eval()
         z = torch.randn(1, 4, 8, 8)
         with circular_padding(vae):
             assert torch.equal(backend.OpenVINODecoder(vae).decode(z), vae.decode(z))
+
+
+def test_weights_are_let_go_once_compiled_and_read_back_for_an_eager_call():
+    import copy
+
+    unet = _unet("tiny-sd1")
+    reference = copy.deepcopy(unet)
+    saved = {k: v.clone() for k, v in unet.state_dict().items()}
+    reads = []
+    wrapped = backend.OpenVINOUNet(unet, reload=lambda: reads.append(1) or {k: v.clone() for k, v in saved.items()})
+    x, t, context, _ = _inputs("tiny-sd1")
+    with torch.no_grad():
+        want = reference(x, t, context)
+        assert torch.allclose(wrapped(x, t, context), want, atol=1e-5)
+        assert all(p.is_meta for p in unet.parameters()) and not reads  # OpenVINO's copy is the only one
+        assert next(wrapped.parameters()).dtype == torch.float32  # what callers ask of the module still answers
+        with circular_padding(unet):
+            tiled = wrapped(x, t, context)
+        with circular_padding(reference):
+            assert torch.equal(tiled, reference(x, t, context)) and reads == [1]
+        assert not any(p.is_meta for p in unet.parameters())
+        assert torch.allclose(wrapped(x, t, context), want, atol=1e-5) and reads == [1]  # kept from then on
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(PRESETS["tiny-sd1"].vae).eval()
+    reference = copy.deepcopy(vae)
+    saved = {k: v.clone() for k, v in vae.state_dict().items()}
+    decoder = backend.OpenVINODecoder(vae, reload=lambda: {k: v.clone() for k, v in saved.items()})
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        decoder.decode(z)
+        assert all(p.is_meta for p in vae.decoder.parameters())
+        assert not any(p.is_meta for p in vae.encoder.parameters())  # img2img still encodes eagerly
+        assert torch.equal(decoder.eager_module.decode(z), reference.decode(z))
 
 
 def test_vae_decoder_matches_and_the_rest_of_the_vae_is_the_modules():
@@ -113,9 +150,12 @@ def test_vae_decoder_matches_and_the_rest_of_the_vae_is_the_modules():
 def test_pipeline_images_match_the_torch_backend(default_model_path):
     import sdlab
 
-    a = sdlab.load(default_model_path).generate("a red circle on a blue background", seed=3, steps=8)[0]
-    b = sdlab.load(default_model_path, backend="openvino").generate("a red circle on a blue background", seed=3, steps=8)[0]
-    assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+    prompt = "a red circle on a blue background"
+    eager, ov_pipe = sdlab.load(default_model_path, backend="torch"), sdlab.load(default_model_path, backend="openvino")
+    for options in ({}, {"tiling": True}):  # tiling runs eagerly: the weights are read back from the file
+        a = eager.generate(prompt, seed=3, steps=8, **options)[0]
+        b = ov_pipe.generate(prompt, seed=3, steps=8, **options)[0]
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1, options
 
 
 @pytest.mark.parametrize(

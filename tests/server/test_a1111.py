@@ -241,6 +241,22 @@ def test_clip_skip_option(client):
         client.post("/sdapi/v1/options", {"CLIP_stop_at_last_layers": 1})
 
 
+def test_token_merging_option_and_override(client):
+    body = {"prompt": "x", **FAST, "width": 64, "height": 64}
+    try:
+        assert client.post("/sdapi/v1/options", {"token_merging_ratio": 0.5}).status == 200
+        assert client.get("/sdapi/v1/options").json()["token_merging_ratio"] == 0.5
+        out = client.post("/sdapi/v1/txt2img", body).json()
+        assert "Token merging ratio: 0.5" in json.loads(out["info"])["infotexts"][0]
+    finally:
+        client.post("/sdapi/v1/options", {"token_merging_ratio": 0})
+    override = {**body, "override_settings": {"token_merging_ratio": 0.25}}
+    out = client.post("/sdapi/v1/txt2img", override).json()
+    assert "Token merging ratio: 0.25" in json.loads(out["info"])["infotexts"][0]
+    plain = client.post("/sdapi/v1/txt2img", body).json()
+    assert "Token merging" not in json.loads(plain["info"])["infotexts"][0]
+
+
 def _bad_request(body: dict, **extra) -> dict:
     return {"prompt": "x", **FAST, **body, **extra}
 
@@ -265,6 +281,8 @@ TXT2IMG_ERRORS = [
     (_bad_request({"prompt": "x" * 30_000}), "prompt"),
     (_bad_request({"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}), "sd_model_checkpoint"),
     (_bad_request({"override_settings": {"CLIP_stop_at_last_layers": 40}}), "CLIP_stop_at_last_layers"),
+    (_bad_request({"override_settings": {"token_merging_ratio": 0.9}}), "token_merging_ratio"),
+    (_bad_request({"override_settings": {"token_merging_ratio": "half"}}), "token_merging_ratio"),
 ]
 
 
@@ -307,6 +325,7 @@ def test_other_routes_reject_bad_input(client):
     bad_model = client.post("/sdapi/v1/options", {"sd_model_checkpoint": "/etc/passwd"})
     assert bad_model.status == 422 and "sd_model_checkpoint" in bad_model.json()["errors"]
     assert client.post("/sdapi/v1/options", {"CLIP_stop_at_last_layers": "two"}).status == 422
+    assert client.post("/sdapi/v1/options", {"token_merging_ratio": 2}).status == 422
     assert client.post("/sdapi/v1/options", b"not json").status == 422
 
 
