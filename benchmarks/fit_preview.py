@@ -33,7 +33,8 @@ from torch import Tensor
 
 import sdlab
 from sdlab.api import default_model
-from sdlab.models.preview import PreviewNet, PreviewNetConfig, save_preview_net, vae_signature
+from sdlab.checkpoints.preview import save_preview_net
+from sdlab.models.preview import PreviewNet, PreviewNetConfig, vae_signature
 from sdlab.pipelines.settings import Settings
 from sdlab.train.shapes import ShapesDataset, heldout_prompts
 

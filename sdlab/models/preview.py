@@ -6,22 +6,16 @@
 Both read the latents the diffusion model sees (scaled, as x̂0 comes out of a sampler) and give an image
 in about [-1, 1]. SD and SDXL get the widely used linear factors below; sdlab's own shapes-64 model gets a
 tiny network distilled from its VAE decoder (benchmarks/fit_preview.py), shipped as package data beside
-the model. `previewer_for` picks one from the model's config, or None: decode with the VAE.
+the model. sdlab.checkpoints.preview reads and writes those files and picks a previewer for a model.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
-from dataclasses import asdict, dataclass
-from importlib import resources
+from dataclasses import dataclass
 from itertools import pairwise
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sdlab.config import SD_VAE, SDXL_VAE, ModelConfig, VAEConfig
@@ -104,36 +98,6 @@ def same_vae(signature: Tensor, fitted: Tensor) -> bool:
     return signature.shape == fitted.shape and torch.allclose(signature, fitted, rtol=1e-2, atol=1e-8)
 
 
-# --- files: the network's weights, its config and the signature of the VAE it imitates -----------------
-CONFIG_KEY = "sdlab_preview_config"
-SIGNATURE_TENSOR = "vae_signature"
-
-
-def save_preview_net(net: PreviewNet, signature: Tensor, path: Path, extra: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().half().contiguous() for k, v in net.state_dict().items()}  # half the bytes
-    tensors[SIGNATURE_TENSOR] = signature.float().contiguous()
-    save_file(tensors, str(path), metadata={CONFIG_KEY: json.dumps(asdict(net.cfg)), **(extra or {})})
-
-
-def load_preview_net(path: Path) -> tuple[PreviewNet, Tensor]:
-    """The network and the signature of the VAE it was fitted to."""
-    with safe_open(str(path), "pt") as f:
-        cfg = PreviewNetConfig(**json.loads(f.metadata()[CONFIG_KEY]))
-    tensors = load_file(str(path))
-    signature = tensors.pop(SIGNATURE_TENSOR)
-    net = PreviewNet(cfg)
-    net.load_state_dict(tensors, strict=True)
-    return net.eval().requires_grad_(False), signature
-
-
-# --- which previewer a model gets ----------------------------------------------------------------------
-SHIPPED = {"shapes-64": "shapes-64-preview.safetensors"}  # model config name -> file in sdlab/data
-
-
-def shipped_file(name: str) -> Path:
-    return Path(str(resources.files("sdlab.data").joinpath(name)))
-
-
 def _same_latent_space(vae: VAEConfig, standard: VAEConfig) -> bool:
     keys = ("latent_channels", "block_out_channels", "scaling_factor", "shift_factor")
     return all(getattr(vae, k) == getattr(standard, k) for k in keys)
@@ -146,22 +110,3 @@ def linear_factors(config: ModelConfig) -> LinearFactors | None:
     if config.family in ("sdxl", "sdxl-refiner") and _same_latent_space(config.vae, SDXL_VAE):
         return SDXL_FACTORS
     return None
-
-
-def previewer_for(config: ModelConfig, vae: nn.Module, device: torch.device | str = "cpu") -> nn.Module | None:
-    """A cheap latents -> image module for this model, or None when it has none (use the VAE decoder).
-
-    A learned previewer is used only with the VAE it was fitted to: `sdlab train --preset shapes-64`
-    makes a model of the same name with a VAE of its own."""
-    if config.name in SHIPPED:
-        path = shipped_file(SHIPPED[config.name])
-        if not path.is_file():
-            return None
-        try:
-            net, fitted = load_preview_net(path)
-        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:  # a preview never stops a load
-            warnings.warn(f"{path}: unreadable previewer ({e}); previews will decode with the VAE", stacklevel=2)
-            return None
-        return net.to(device) if same_vae(vae_signature(vae), fitted) else None
-    factors = linear_factors(config)
-    return None if factors is None else LinearPreview(factors).to(device)

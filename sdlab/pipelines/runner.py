@@ -26,7 +26,7 @@ from sdlab.checkpoints.load import Components
 from sdlab.diffusion.denoiser import Denoiser, guided
 from sdlab.diffusion.samplers import Plan, Step, prepare
 from sdlab.errors import SdlabError
-from sdlab.models.preview import previewer_for
+from sdlab.checkpoints.preview import previewer_for
 from sdlab.models.tiling import circular_padding
 from sdlab.models.token_merging import token_merging
 from sdlab.models.unet import added_condition

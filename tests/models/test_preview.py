@@ -12,17 +12,8 @@ import torch
 
 from sdlab.checkpoints.load import Components
 from sdlab.config import PRESETS
-from sdlab.models.preview import (
-    SD_FACTORS,
-    SDXL_FACTORS,
-    LinearPreview,
-    PreviewNet,
-    PreviewNetConfig,
-    load_preview_net,
-    previewer_for,
-    save_preview_net,
-    vae_signature,
-)
+from sdlab.checkpoints.preview import load_preview_net, previewer_for, save_preview_net
+from sdlab.models.preview import SD_FACTORS, SDXL_FACTORS, LinearPreview, PreviewNet, PreviewNetConfig, vae_signature
 from sdlab.models.vae import AutoencoderKL
 from sdlab.pipelines.runner import Runner
 
@@ -98,7 +89,7 @@ def test_a_vae_trained_anew_gets_no_learned_previewer(runner):
 
 
 def test_an_unreadable_previewer_file_only_costs_the_previews(tmp_path, monkeypatch):
-    from sdlab.models import preview
+    from sdlab.checkpoints import preview
 
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     monkeypatch.setattr(preview, "shipped_file", lambda name: tmp_path / "bad.safetensors")
