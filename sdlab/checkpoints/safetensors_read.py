@@ -82,6 +82,9 @@ def _entry(name: str, value, path: Path) -> Entry:
     return dtype, tuple(shape), offsets[0], offsets[1]
 
 
+MAPPED_STAGING_BYTES = 1 << 20  # tensors this large or larger are staged in their own anonymous map
+
+
 def read_tensors(
     path: Path, keep: Callable[[str], bool], convert: Callable[[torch.Tensor], torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -99,9 +102,13 @@ def read_tensors(
 
 def _read_one(f, dtype, shape, nbytes: int, convert, cut_short) -> torch.Tensor:
     """One tensor, staged in an anonymous memory map: unmapped as soon as it is converted, it goes back
-    to the system at once (a heap buffer would leave the process's resident size at its high-water mark)."""
-    if nbytes == 0:
-        return convert(torch.empty(shape, dtype=dtype))
+    to the system at once (a heap buffer would leave the process's resident size at its high-water mark).
+    Small tensors are read straight into a tensor: a map for each would cost more than the bytes."""
+    if nbytes < MAPPED_STAGING_BYTES:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes and f.readinto(memoryview(buffer.numpy())) != nbytes:
+            raise cut_short()
+        return convert(buffer.view(dtype).reshape(shape))
     with mmap.mmap(-1, nbytes) as staging:
         if f.readinto(staging) != nbytes:
             raise cut_short()

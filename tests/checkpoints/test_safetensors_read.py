@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdlab.checkpoints.formats import read_weights
-from sdlab.checkpoints.safetensors_read import DTYPES
+from sdlab.checkpoints.safetensors_read import DTYPES, MAPPED_STAGING_BYTES
 from sdlab.errors import CheckpointError
 
 
@@ -29,6 +29,19 @@ def test_reads_every_dtype_exactly_like_the_library(tmp_path):
         assert state[k].dtype == t.dtype and state[k].shape == t.shape
         assert torch.equal(state[k].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), k
 
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_small_and_mapped_tensors_read_the_same(tmp_path, dtype):
+    # under the threshold a tensor is read straight into its own buffer, from it on through a staging map
+    n = MAPPED_STAGING_BYTES // 4
+    tensors = {"small": torch.randn(n - 1), "edge": torch.randn(n), "large": torch.randn(2, n)}
+    path = tmp_path / "sizes.safetensors"
+    save_file(tensors, str(path))
+    state, _ = read_weights(path, dtype=dtype)
+    for k, t in tensors.items():
+        assert torch.equal(state[k], t.to(dtype or t.dtype)), k
+    assert state["edge"].untyped_storage().data_ptr() != state["small"].untyped_storage().data_ptr()
 
 def test_converts_and_filters_while_reading(tmp_path):
     path = tmp_path / "w.safetensors"
