@@ -31,6 +31,7 @@ from sdlab.diffusion.samplers import display_name
 from sdlab.errors import SdlabError
 from sdlab.models.controlnet import ControlNet
 from sdlab.models.layers import attention_slicing
+from sdlab.models.offload import sequential_offload
 from sdlab.pipelines.edit import ControlInput, make_images
 from sdlab.pipelines.images import load_image, read_png_text, save_png
 from sdlab.pipelines.masks import extend_canvas
@@ -133,9 +134,10 @@ class Pipeline:
     image's size (rounded down to a multiple of 8)."""
 
     def __init__(self, runner: Runner, info: ModelInfo, refiner: tuple[Runner, ModelInfo] | None = None,
-                 low_memory: bool = False):
+                 low_memory: bool = False, offload: bool = False):
         self.runner = runner
         self.low_memory = low_memory
+        self.offload = offload  # weights in host memory, visiting the device a layer at a time
         self.info = info
         self.config = runner.config
         self.refiner = refiner
@@ -219,7 +221,10 @@ class Pipeline:
 
         if source not in self._controlnets:
             family = self.config.family if self.config.family in ("sd1", "sd2", "sdxl") else None
-            net = load_controlnet(source, dtype=self.runner.dtype, device=self.runner.device, family_hint=family)
+            net = load_controlnet(source, dtype=self.runner.dtype, device="cpu" if self.offload else self.runner.device,
+                                  family_hint=family)
+            if self.offload:
+                sequential_offload(net, self.runner.device)
             check_controlnet(net, self.config, source)
             self._controlnets[source] = (net, controlnet_info(source))
         return self._controlnets[source][0]
@@ -316,13 +321,16 @@ def load(
     refiner: str | os.PathLike | None = None,
     backend: str = "auto",
     low_memory: bool = False,
+    offload: bool | None = None,
 ) -> Pipeline:
     """Load a model once: None for sdlab's default model, a diffusers folder, a single file or a repo id.
     dtype defaults to fp32 on the CPU and fp16 on CUDA. `refiner` (an SDXL refiner) takes over the
     latents at `refiner_switch` of each generation. `backend="openvino"` runs the U-Net and the VAE
     decoder through OpenVINO on the CPU (sdlab.backends.openvino; converted once, cached on disk);
     "auto" (the default) chooses it where it is faster (`choose_backend`), else "torch". `low_memory`
-    decodes images larger than 512x512 in tiles and attends in slices of queries."""
+    decodes images larger than 512x512 in tiles and attends in slices of queries. `offload` keeps the
+    weights in host memory and moves them to `device` a layer at a time (models.offload); by default
+    it is on with `low_memory` on CUDA."""
     source = default_model() if model is None else model
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -331,16 +339,17 @@ def load(
         raise SdlabError("device 'mps' asked for, but PyTorch sees no Apple GPU here")
     dtype = formats.parse_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
     check_backend(backend, device, dtype)
-    base = _runner(source, device, dtype, backend, config=config, prediction_type=prediction_type)
+    offload = low_memory and device.type == "cuda" if offload is None else offload
+    base = _runner(source, device, dtype, backend, offload, config=config, prediction_type=prediction_type)
     second = None
     if refiner is not None:
-        second = _runner(refiner, device, dtype, backend)
+        second = _runner(refiner, device, dtype, backend, offload)
         if base[0].config.family != "sdxl" or second[0].config.family != "sdxl-refiner":
             raise SdlabError(
                 f"a refiner hands off from an SDXL base to an SDXL refiner; got {base[0].config.family} "
                 f"and {second[0].config.family}"
             )
-    return Pipeline(*base, second, low_memory=low_memory)
+    return Pipeline(*base, second, low_memory=low_memory, offload=offload)
 
 
 BACKENDS = ("auto", "torch", "openvino")
@@ -374,10 +383,16 @@ def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Non
         require_openvino()
 
 
-def _runner(source, device: torch.device, dtype: torch.dtype, backend: str = "torch", **options) -> tuple[Runner, ModelInfo]:
-    comps = load_components(source, dtype=dtype, device=device, **options)
+def _runner(source, device: torch.device, dtype: torch.dtype, backend: str = "torch", offload: bool = False,
+            **options) -> tuple[Runner, ModelInfo]:
+    """The model's components on `device`; with `offload`, in host memory, each layer visiting `device` in turn."""
+    comps = load_components(source, dtype=dtype, device="cpu" if offload else device, **options)
     if dtype == torch.float16 and comps.config.vae.force_upcast:
         comps.vae.float()  # the SD VAE overflows in fp16; diffusers upcasts it the same way
+    if offload:
+        for module in comps.modules().values():
+            sequential_offload(module, device)
+        backend = "torch"  # the layers visit the device eagerly; OpenVINO would hold its own copy
     if backend == "auto":
         backend = choose_backend(comps.unet, device, dtype)
     if backend == "openvino":

@@ -214,7 +214,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="run the U-Net and VAE decoder in PyTorch, or through OpenVINO on the CPU; auto (the default) "
                         "takes OpenVINO for large models on the CPU when it is installed")
     p.add_argument("--low-memory", action="store_true",
-                   help="decode images larger than 512x512 in tiles and attend in slices: less memory, a little slower")
+                   help="decode images larger than 512x512 in tiles and attend in slices; on CUDA also keep the weights "
+                        "in host memory and move them to the GPU a layer at a time: less memory, slower")
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:

@@ -247,7 +247,7 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(n, L, D) hidden states, (n, L) token weights -> weighted (n, L, D), each chunk's mean kept."""
     if bool((weights == 1).all()):
         return hidden  # nothing to emphasise (and a chunk whose mean is 0 stays finite)
-    weighted = hidden * weights.to(hidden.dtype)[..., None]  # (n, L, D)
+    weighted = hidden * weights.to(hidden.device, hidden.dtype)[..., None]  # (n, L, D)
     before = hidden.float().mean(dim=(1, 2), keepdim=True)  # (n, 1, 1)
     after = weighted.float().mean(dim=(1, 2), keepdim=True)
     ratio = torch.where(after == 0, torch.ones_like(after), before / after)  # a zero mean has no scale to keep

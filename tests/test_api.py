@@ -144,6 +144,20 @@ def test_the_default_backend_runs_small_models_eagerly(pipe):
     assert not isinstance(pipe.runner.components.unet, OpenVINOUNet)
 
 
+
+def test_offload_keeps_weights_on_the_host_and_changes_no_pixel(folder):
+    # on a GPU the layers would visit it in turn (tests/models/test_offload.py checks that with "meta");
+    # here the same hooks run every component and must change nothing
+    assert not sdlab.load(folder, low_memory=True).offload  # only with low_memory on CUDA by default
+    moved = sdlab.load(folder, offload=True)
+    plain = sdlab.load(folder)
+    comps = moved.runner.components
+    for module in comps.modules().values():
+        assert any(m._forward_pre_hooks for m in module.modules())
+    small = dict(steps=2, seed=3, sampler="euler", prompt="a (cat:1.2)")
+    a, b = moved.generate(**small)[0], plain.generate(**small)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
 def test_low_memory_tiles_large_decodes_and_slices_attention(folder, monkeypatch):
     from sdlab.models.layers import Attention
 

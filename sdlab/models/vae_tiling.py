@@ -31,7 +31,8 @@ def _normalise(norm: nn.GroupNorm, x: Tensor, mean: Tensor, var: Tensor) -> Tens
     g = x.float().reshape(x.shape[0], norm.num_groups, -1)
     y = ((g - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape)
     if norm.affine:
-        y = y * norm.weight.float()[None, :, None, None] + norm.bias.float()[None, :, None, None]
+        weight, bias = (t.to(y.device, torch.float32) for t in (norm.weight, norm.bias))  # offloaded: on the host
+        y = y * weight[None, :, None, None] + bias[None, :, None, None]
     return y.to(x.dtype)
 
 
@@ -105,8 +106,8 @@ def decode_tiled(vae: nn.Module, z: Tensor, window: int = 64, overlap: int = 8, 
     th, tw = min(window, h), min(window, w)
     ch, cw = min(h, th + 2 * margin), min(w, tw + 2 * margin)  # a decode's size: window and context
     ys, xs = _window_starts(h, window, window - overlap), _window_starts(w, window, window - overlap)
-    out = torch.zeros(b, 3, f * h, f * w)
-    weight = torch.zeros(1, 1, f * h, f * w)
+    out = torch.zeros(b, 3, f * h, f * w, device=z.device)
+    weight = torch.zeros(1, 1, f * h, f * w, device=z.device)
     with _patched_group_norms(vae, lambda norm, x: _normalise(norm, x, *stats[norm])):
         for i, y0 in enumerate(ys):
             for j, x0 in enumerate(xs):
@@ -114,7 +115,7 @@ def decode_tiled(vae: nn.Module, z: Tensor, window: int = 64, overlap: int = 8, 
                 top, left = min(max(0, y0 - margin), h - ch), min(max(0, x0 - margin), w - cw)
                 decoded = vae.decode(z[:, :, top : top + ch, left : left + cw]).float()  # (B, 3, f*ch, f*cw)
                 piece = decoded[:, :, f * (y0 - top) : f * (y0 - top + th), f * (x0 - left) : f * (x0 - left + tw)]
-                mask = _axis_weights(ys, i, th, f)[:, None] * _axis_weights(xs, j, tw, f)[None, :]
+                mask = (_axis_weights(ys, i, th, f)[:, None] * _axis_weights(xs, j, tw, f)[None, :]).to(z.device)
                 rows, cols = slice(f * y0, f * (y0 + th)), slice(f * x0, f * (x0 + tw))
                 out[:, :, rows, cols] += piece * mask
                 weight[:, :, rows, cols] += mask
