@@ -147,8 +147,11 @@ class Pipeline:
         self, prompt: str, *, control: Sequence[Control] = (), on_step: Callable[[int, int], None] | None = None,
         **options,
     ) -> list[Image.Image]:
-        settings = _settings(prompt, options, control)
-        return self.run(settings.resolved(self.config), on_step, control_images=_control_images(control))
+        return self.run(self.settings(prompt, control, **options), on_step, control_images=_control_images(control))
+
+    def settings(self, prompt: str, control: Sequence[Control] = (), **options) -> Settings:
+        """What `generate(prompt, **options)` runs: the options checked, the model's defaults filled in."""
+        return _settings(prompt, options, control).resolved(self.config)
 
     def img2img(
         self, image: ImageLike, prompt: str, *, strength: float = 0.75, control: Sequence[Control] = (),

@@ -40,7 +40,7 @@ def timestep_embedding(
     return F.pad(emb, (0, dim % 2))
 
 
-def _split_heads(x: Tensor, heads: int) -> Tensor:
+def split_heads(x: Tensor, heads: int) -> Tensor:
     b, n, _ = x.shape
     return x.view(b, n, heads, -1).transpose(1, 2)  # (B, heads, N, head_dim)
 
@@ -73,9 +73,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context  # (B, L, context_dim)
-        q = _split_heads(self.to_q(x), self.heads)  # (B, heads, N, head_dim)
-        k = _split_heads(self.to_k(context), self.heads)  # (B, heads, L, head_dim)
-        v = _split_heads(self.to_v(context), self.heads)
+        q = split_heads(self.to_q(x), self.heads)  # (B, heads, N, head_dim)
+        k = split_heads(self.to_k(context), self.heads)  # (B, heads, L, head_dim)
+        v = split_heads(self.to_v(context), self.heads)
         if self.slice_size is None or self.slice_size >= q.shape[2]:
             out = self._attend(q, k, v)
         else:
