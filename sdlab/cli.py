@@ -9,18 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sdlab.cli_options import Progress, add_model_options, load_pipeline, parse_size
 from sdlab.errors import SdlabError
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, _, h = text.lower().partition("x")
-        size = (int(w), int(h or w))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x768, got {text!r}") from None
-    if min(size) <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return size
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -64,26 +54,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Progress:
-    """One bar per image with step count, rate and ETA (tqdm's own format)."""
-
-    def __init__(self, images: int):
-        self.images, self.image, self.bar = images, 0, None
-
-    def __call__(self, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None or done <= self.bar.n:
-            self.close()
-            self.image += 1
-            self.bar = tqdm(total=total, unit="step", desc=f"image {self.image}/{self.images}", file=sys.stderr)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 GENERATION_OPTIONS = ("negative", "steps", "guidance", "sampler", "schedule", "width", "height", "seed", "batch",
                       "clip_skip", "guidance_rescale", "eta", "refiner_switch", "tiling", "vae_tiling", "cfg_end",
                       "token_merging")
@@ -114,22 +84,12 @@ def _controls(args: argparse.Namespace) -> list:
     return controls
 
 
-def _load(args: argparse.Namespace, model=None, refiner=None, dtype=None, device=None):
-    from sdlab import api
-
-    return api.load(
-        model or args.model, device=device or args.device or "cpu", dtype=dtype or args.dtype, config=args.config,
-        prediction_type=args.prediction_type, refiner=refiner or getattr(args, "refiner", None),
-        backend=args.backend, low_memory=args.low_memory,
-    )
-
-
 def _run(args: argparse.Namespace, make) -> int:
     """Run `make(on_step)` with a progress bar, then write the images (atomically) and print their paths."""
     from sdlab import api
 
     batch = getattr(args, "batch", None) or 1
-    progress = _Progress(batch)
+    progress = Progress(batch)
     try:
         images = make(progress)
     finally:
@@ -152,7 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if settings.strength is not None or settings.control:
             raise SdlabError(f"{args.replay}: was made from input images (img2img, inpainting or ControlNet), "
                              "which the record does not hold; run that command again with them")
-        pipe = _load(args, args.model or record["model"]["path"],
+        pipe = load_pipeline(args, args.model or record["model"]["path"],
                      args.refiner or (record.get("refiner") or {}).get("path"),
                      args.dtype or record["dtype"], args.device or record["device"])
         if pipe.info.sha256 != record["model"]["sha256"]:
@@ -161,7 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is None:
         raise SdlabError("generate needs a PROMPT (or --replay IMAGE.png)")
     controls = _controls(args)
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     return _run(args, lambda progress: pipe.generate(args.prompt, control=controls, on_step=progress, **options))
 
 
@@ -170,7 +130,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
 
     image, controls = load_image(args.image), _controls(args)
     options = _options(args, GENERATION_OPTIONS + ("strength",))
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     return _run(args, lambda progress: pipe.img2img(image, args.prompt, control=controls, on_step=progress, **options))
 
 
@@ -179,7 +139,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
     image, mask, controls = load_image(args.image), load_image(args.mask), _controls(args)
     options = _options(args, GENERATION_OPTIONS + EDIT_OPTIONS)
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     return _run(args, lambda progress: pipe.inpaint(image, mask, args.prompt, control=controls, on_step=progress,
                                                      **options))
 
@@ -189,7 +149,7 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
 
     image, controls = load_image(args.image), _controls(args)
     options = _options(args, GENERATION_OPTIONS + EDIT_OPTIONS)
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     return _run(args, lambda progress: pipe.outpaint(image, args.prompt, extend=args.extend, fill=args.outpaint_fill,
                                                       control=controls, on_step=progress, **options))
 
@@ -204,22 +164,8 @@ def _parse_extend(text: str) -> tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="diffusers folder, single file, or repo id (default: sdlab's own model)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32 on CPU, fp16 on CUDA)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default cpu)")
-    p.add_argument("--config", help="preset for reading a single file, when detection is not enough")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected one")
-    p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
-                   help="run the U-Net and VAE decoder in PyTorch, or through OpenVINO on the CPU; auto (the default) "
-                        "takes OpenVINO for large models on the CPU when it is installed")
-    p.add_argument("--low-memory", action="store_true",
-                   help="decode images larger than 512x512 in tiles and attend in slices; on CUDA also keep the weights "
-                        "in host memory and move them to the GPU a layer at a time: less memory, slower")
-
-
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--steps", type=int, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7)")
@@ -397,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="diffusers folder, single file, or Hugging Face repo id")
     p.add_argument("--preset", help="a named config instead of a model (sd15, sd21, sdxl, …)")
     p.add_argument("--config", help="preset to read a single file with, when detection is not enough")
-    p.add_argument("--size", type=_parse_size, help="image size WxH for the latent shape (default: the model's)")
+    p.add_argument("--size", type=parse_size, help="image size WxH for the latent shape (default: the model's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
@@ -432,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_png_info)
 
     p = sub.add_parser("serve", help="HTTP server: AUTOMATIC1111's API, sdlab's job API, a web page")
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--models-dir", metavar="DIR", help="serve every model file and diffusers folder in DIR "
                    "(clients switch with sd_model_checkpoint); --model then names the first one")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -475,7 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="grid.png")
     p.set_defaults(func=cmd_grid)
 
+    from sdlab.analysis.cli import add_lab_parsers
     from sdlab.train.cli import add_train_parser
+
+    add_lab_parsers(sub)
     add_train_parser(sub)
     return parser
 

@@ -1,0 +1,62 @@
+"""Options and helpers every model-loading command shares (sdlab.cli and sdlab.analysis.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, _, h = text.lower().partition("x")
+        size = (int(w), int(h or w))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x768, got {text!r}") from None
+    if min(size) <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return size
+
+
+class Progress:
+    """One bar per image with step count, rate and ETA (tqdm's own format)."""
+
+    def __init__(self, images: int):
+        self.images, self.image, self.bar = images, 0, None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or done <= self.bar.n:
+            self.close()
+            self.image += 1
+            self.bar = tqdm(total=total, unit="step", desc=f"image {self.image}/{self.images}", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def load_pipeline(args: argparse.Namespace, model=None, refiner=None, dtype=None, device=None, backend=None):
+    """`api.load` with the model options of `add_model_options`; the keywords override them."""
+    from sdlab import api
+
+    return api.load(
+        model or args.model, device=device or args.device or "cpu", dtype=dtype or args.dtype, config=args.config,
+        prediction_type=args.prediction_type, refiner=refiner or getattr(args, "refiner", None),
+        backend=backend or args.backend, low_memory=args.low_memory,
+    )
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="diffusers folder, single file, or repo id (default: sdlab's own model)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--config", help="preset for reading a single file, when detection is not enough")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected one")
+    p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
+                   help="run the U-Net and VAE decoder in PyTorch, or through OpenVINO on the CPU; auto (the default) "
+                        "takes OpenVINO for large models on the CPU when it is installed")
+    p.add_argument("--low-memory", action="store_true",
+                   help="decode images larger than 512x512 in tiles and attend in slices; on CUDA also keep the weights "
+                        "in host memory and move them to the GPU a layer at a time: less memory, slower")
