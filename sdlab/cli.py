@@ -167,7 +167,7 @@ def _parse_extend(text: str) -> tuple[int, int, int, int]:
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     p.add_argument("--negative", help="negative prompt")
-    p.add_argument("--steps", type=int, help="sampling steps (default 20)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's; 20, or 15 for sdlab's own)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7)")
     p.add_argument("--guidance-rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
     p.add_argument("--sampler", help="ddim, euler_a, dpmpp_2m, … or an A1111 name such as 'DPM++ 2M Karras'")
@@ -243,7 +243,7 @@ def cmd_eval_adherence(args: argparse.Namespace) -> int:
     from sdlab.analysis.adherence import format_report, run_adherence
     from sdlab.train.shapes import heldout_prompts
 
-    if args.prompts < 1 or args.steps < 1:
+    if args.prompts < 1 or (args.steps is not None and args.steps < 1):
         raise SdlabError("--prompts and --steps must be at least 1")
     pipe = api.load(args.model, device=args.device, dtype=args.dtype)
     if args.vae_roundtrip:
@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model to measure (default: sdlab's own model)")
     p.add_argument("--prompts", type=int, default=200, help="held-out prompts (default 200)")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0, 7.5], help="scales to compare")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's; 20, or 15 for sdlab's own)")
     p.add_argument("--sampler", help="sampler (default: generate's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of every image (default 0)")
     p.add_argument("--device", default="cpu")

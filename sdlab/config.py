@@ -140,6 +140,7 @@ class ModelConfig:
     text: tuple[TextConditioner, ...]  # in the order their hidden states are concatenated
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     default_size: int = 512  # pixels; the resolution the model was trained at
+    default_steps: int = 20  # sampling steps when none are asked for: what the model is known to need
     force_zeros_for_empty_prompt: bool = False  # SDXL base: empty negative prompt -> zero embeddings
     requires_aesthetics_score: bool = False  # SDXL refiner micro-conditioning
 
@@ -339,6 +340,8 @@ SHAPES = ModelConfig(
         timestep_spacing="trailing", steps_offset=0,
     ),
     default_size=64,
+    # held-out adherence at 15 steps equals 20 steps' within a few images in 200 (README, The default model)
+    default_steps=15,
 )
 PRESETS[SHAPES.name] = SHAPES
 

@@ -155,7 +155,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, swept: tuple[str, ...] = (
     """Generation options, less those a sweep sets itself."""
     p.add_argument("--negative", help="negative prompt")
     if "steps" not in swept:
-        p.add_argument("--steps", type=int, help="sampling steps (default 20)")
+        p.add_argument("--steps", type=int, help="sampling steps (default: the model's; 20, or 15 for sdlab's own)")
     if "guidance" not in swept:
         p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7)")
     if "sampler" not in swept:

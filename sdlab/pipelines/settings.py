@@ -47,7 +47,7 @@ class Settings:
 
     prompt: str
     negative: str = ""
-    steps: int = 20
+    steps: int | None = None  # None: the model's default_steps (20 for the SD families)
     guidance: float = 7.0
     sampler: str = "dpmpp_2m"
     schedule: str = "karras"
@@ -83,8 +83,9 @@ class Settings:
         for name, value in (("width", width), ("height", height)):
             if value <= 0 or value % f:
                 raise SdlabError(f"{name} {value} must be a positive multiple of {f} (the VAE's downscale factor)")
-        if self.steps < 1:
-            raise SdlabError(f"steps must be at least 1, got {self.steps}")
+        steps = cfg.default_steps if self.steps is None else self.steps
+        if steps < 1:
+            raise SdlabError(f"steps must be at least 1, got {steps}")
         if not math.isfinite(self.guidance):
             raise SdlabError(f"guidance must be a finite number, got {self.guidance}")
         if not math.isfinite(self.guidance_rescale) or not 0 <= self.guidance_rescale <= 1:
@@ -115,7 +116,7 @@ class Settings:
         if seed > MAX_SEED:
             raise SdlabError(f"seed must be at most {MAX_SEED}, got {seed}")
         return replace(
-            self, width=width, height=height, seed=seed, sampler=sampler, schedule=schedule
+            self, width=width, height=height, seed=seed, steps=steps, sampler=sampler, schedule=schedule
         )
 
     def sized_for(self, size: tuple[int, int], multiple: int) -> Settings:

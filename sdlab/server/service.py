@@ -117,7 +117,7 @@ class Service:
 
     def check_limits(self, s: Settings, names: Mapping[str, str]) -> None:
         limits = self.limits
-        if s.steps > limits.max_steps:
+        if s.steps is not None and s.steps > limits.max_steps:
             raise FieldError(names.get("steps", "steps"), f"{s.steps} is more than this server's limit of {limits.max_steps}")
         if s.batch > limits.max_batch:
             raise FieldError(names.get("batch", "batch"), f"{s.batch} images is more than this server's limit of "

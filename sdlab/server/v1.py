@@ -38,7 +38,7 @@ class JobRequest(BaseModel):
 
     prompt: str
     negative: str = ""
-    steps: int = Field(_D.steps, ge=1)
+    steps: int | None = Field(_D.steps, ge=1, description="default: the model's (20; 15 for sdlab's own)")
     guidance: float = _D.guidance
     sampler: str = Field(_D.sampler, description="a key (dpmpp_2m, euler_a, ...) or an A1111 name ('DPM++ 2M Karras')")
     schedule: Literal[SCHEDULES] = _D.schedule  # type: ignore[valid-type]
