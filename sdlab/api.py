@@ -360,13 +360,20 @@ BACKENDS = ("auto", "torch", "openvino")
 # against 3.5 s eager, benchmarks/RESULTS.md); small ones, like the default model's 11M, do not repay
 # the one-off conversion
 OPENVINO_MIN_PARAMETERS = 200_000_000
+# below this, PyTorch's plain CPU convolutions beat oneDNN's (whose set-up costs ~0.25 ms a call); SD's
+# 860M-parameter U-Net keeps oneDNN
+ONEDNN_MIN_PARAMETERS = 100_000_000
+
+
+def _parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def choose_backend(unet: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> str:
     """"auto": OpenVINO for a large U-Net on the CPU in fp32 or bf16, when openvino is installed; else torch."""
     if device.type != "cpu" or dtype == torch.float16:
         return "torch"
-    if sum(p.numel() for p in unet.parameters()) < OPENVINO_MIN_PARAMETERS:
+    if _parameters(unet) < OPENVINO_MIN_PARAMETERS:
         return "torch"
     from importlib.util import find_spec
 
@@ -410,7 +417,11 @@ def _runner(source, device: torch.device, dtype: torch.dtype, backend: str = "to
         # oneDNN's convolutions run faster on NHWC: the SD 1.5 U-Net step at 512² in bf16 took 3.23 s
         # instead of 3.64 s here; the same numbers up to rounding
         comps.unet.to(memory_format=torch.channels_last)
-    return Runner(comps, device, dtype), model_info(Path(comps.source))
+    runner = Runner(comps, device, dtype)
+    # the default model's guided step took 42 ms without oneDNN and 50 ms with it (2 cores, fp32, interleaved runs)
+    small = _parameters(comps.unet) < ONEDNN_MIN_PARAMETERS
+    runner.onednn = not (device.type == "cpu" and dtype == torch.float32 and backend == "torch" and small)
+    return runner, model_info(Path(comps.source))
 
 
 def save(images: list[Image.Image], out: str | os.PathLike, stem: str = "sdlab") -> list[Path]:

@@ -144,6 +144,27 @@ def test_the_default_backend_runs_small_models_eagerly(pipe):
     assert not isinstance(pipe.runner.components.unet, OpenVINOUNet)
 
 
+def test_small_models_convolve_without_onednn_and_make_the_same_image(pipe):
+    import torch
+
+    assert pipe.runner.onednn is False  # a tiny U-Net: far below api.ONEDNN_MIN_PARAMETERS
+    flags = []  # the oneDNN switch as each U-Net call sees it
+    hook = pipe.runner.components.unet.register_forward_pre_hook(
+        lambda module, args: flags.append(torch.backends.mkldnn.enabled)
+    )
+    small = dict(steps=3, seed=5, sampler="euler")
+    try:
+        plain = np.asarray(pipe.generate("a cat", **small)[0], dtype=np.int16)
+        assert set(flags) == {False} and torch.backends.mkldnn.enabled, "off while sampling, on again after"
+        flags.clear()
+        pipe.runner.onednn = True
+        with_onednn = np.asarray(pipe.generate("a cat", **small)[0], dtype=np.int16)
+        assert set(flags) == {True}
+    finally:
+        pipe.runner.onednn = False
+        hook.remove()
+    assert np.abs(plain - with_onednn).max() <= 1  # the same convolutions, summed in another order
+
 
 def test_offload_keeps_weights_on_the_host_and_changes_no_pixel(folder):
     # on a GPU the layers would visit it in turn (tests/models/test_offload.py checks that with "meta");

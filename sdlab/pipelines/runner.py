@@ -14,7 +14,8 @@ again alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -76,6 +77,17 @@ class Start:
     clean: Tensor | None = None  # the image latents when there are no steps to take (strength 0)
 
 
+@contextmanager
+def onednn(enabled: bool) -> Iterator[None]:
+    """PyTorch's CPU convolutions through oneDNN or not, for the duration; the other backend flags untouched."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 class Runner:
     """A loaded model ready to make images; `generate_images` can be called many times."""
 
@@ -85,13 +97,14 @@ class Runner:
         self.device = torch.device(device)
         self.dtype = dtype
         self.previewer = previewer_for(self.config, components.vae, self.device)  # None: previews decode with the VAE
+        self.onednn = True  # False: CPU convolutions skip oneDNN while sampling and decoding (small networks: api._runner)
 
     @property
     def inpainting_model(self) -> bool:
         return self.config.unet.in_channels == 9
 
     # --- conditioning ---------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def condition(self, s: Settings) -> Conditioning:
         c = self.components
         negative = s.negative
@@ -160,7 +173,7 @@ class Runner:
         return self._noise(s, generator) * plan.init_scale
 
     # --- where sampling starts --------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode(self, image: Tensor, generator: torch.Generator) -> Tensor:
         """(1, 3, H, W) in [-1, 1] -> scaled latents (1, 4, H/f, W/f): a posterior sample, as diffusers takes it."""
         vae = self.components.vae
@@ -206,7 +219,7 @@ class Runner:
         small = mask_to_latent(inputs.mask, tuple(masked.shape[-2:]), True).to(masked)  # (1, 1, h, w)
         return torch.cat([small, masked], dim=1).to(self.dtype)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _repaint_everything(self, x: Tensor) -> Tensor:
         """An inpainting model asked for a whole image (txt2img, or img2img without a mask): everything
         masked, the masked image blank (0 = mid-grey), as AUTOMATIC1111 conditions it. (1, 5, h, w)"""
@@ -223,7 +236,7 @@ class Runner:
         torch.randn(noise.shape, generator=generator, dtype=torch.float32)
 
     # --- sampling ---------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def denoise(
         self, s: Settings, start: Start, cond: Conditioning, generator: torch.Generator,
         on_step: StepCallback | None = None, steps_before: int = 0, total: int | None = None,
@@ -247,23 +260,25 @@ class Runner:
         options = {} if s.eta is None else {"eta": s.eta}
         if plan.sampler == "plms":  # PLMS combines raw network outputs, as diffusers' PNDM does
             options["mix"] = self.config.prediction_type
-        return plan.sample(model, start.x, noise=plan.noise_sampler(start.x, generator), callback=callback, **options)
+        with onednn(self.onednn):
+            return plan.sample(model, start.x, noise=plan.noise_sampler(start.x, generator), callback=callback, **options)
 
     def finish(self, start: Start, x: Tensor) -> Tensor:
         """k-diffusion x at the plan's last σ -> VP latents, the known latents put back outside the mask."""
         latents = start.plan.to_vp(x)
         return latents if start.blend is None else start.blend.final(latents)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, latents: Tensor, tiled: bool = False) -> list[Image.Image]:
         vae = self.components.vae
         dtype = next(vae.parameters()).dtype  # fp32 when an fp16 pipeline upcasts the VAE
         z = vae.unscale_latents(latents).to(dtype)
         # tiled: the module itself (an OpenVINO-wrapped VAE keeps it as .eager_module), its GroupNorms patched
-        image = decode_tiled(getattr(vae, "eager_module", vae), z) if tiled else vae.decode(z)  # (1, 3, H, W)
+        with onednn(self.onednn):  # as while sampling: a frame decoded then matches the image decoded now
+            image = decode_tiled(getattr(vae, "eager_module", vae), z) if tiled else vae.decode(z)  # (1, 3, H, W)
         return to_pil(image)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def preview(self, latents: Tensor) -> list[Image.Image]:
         """x̂0 latents (B, 4, h, w) -> quick pictures at the image's size, through the model's cheap previewer
         (sdlab.models.preview), or the VAE decoder for a model without one."""
