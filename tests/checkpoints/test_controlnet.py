@@ -20,7 +20,7 @@ from sdlab.checkpoints.controlnet import config_from_shapes, load_controlnet, or
 from sdlab.checkpoints.keymaps.controlnet import controlnet_shapes, controlnet_to_diffusers
 from sdlab.config import ControlNetConfig, controlnet_preset
 from sdlab.errors import CheckpointError
-from tests.models.test_controlnet import controlnet_inputs, diffusers_controlnet, ours_from, residual_diff
+from tests.models.test_controlnet import ATOL, controlnet_inputs, diffusers_controlnet, ours_from, residual_diff
 from tests.reference import max_diff
 
 TINY = ["tiny-controlnet-sd1", "tiny-controlnet-sd2", "tiny-controlnet-sdxl"]
@@ -60,7 +60,8 @@ def test_diffusers_folder_gives_diffusers_residuals(reference, tmp_path) -> None
     x, t, context, hint, kwargs, y = controlnet_inputs(cfg)
     with torch.no_grad():
         expected = ref(x, t, context, hint, conditioning_scale=0.7, **kwargs)
-        assert residual_diff(net(x, t, context, hint, y, scale=0.7), expected) == 0.0
+        # the same tolerance as the module's own parity test: loading must not add to it
+        assert residual_diff(net(x, t, context, hint, y, scale=0.7), expected) <= ATOL
 
 
 def test_fp16_variant_folder(tmp_path) -> None:
