@@ -153,6 +153,10 @@ class Pipeline:
         """What `generate(prompt, **options)` runs: the options checked, the model's defaults filled in."""
         return _settings(prompt, options, control).resolved(self.config)
 
+    def decodes_in_tiles(self, settings: Settings) -> bool:
+        """Whether `run` decodes these (resolved) settings' images in tiles: asked for, or large with low_memory."""
+        return settings.vae_tiling or (self.low_memory and settings.width * settings.height > LOW_MEMORY_UNTILED_PIXELS)
+
     def img2img(
         self, image: ImageLike, prompt: str, *, strength: float = 0.75, control: Sequence[Control] = (),
         on_step: Callable[[int, int], None] | None = None, **options,
@@ -203,7 +207,7 @@ class Pipeline:
             ControlInput(self._controlnet(c.model), im, c) for c, im in zip(settings.control, control_images)
         )
         refiner = None if self.refiner is None else self.refiner[0]
-        if self.low_memory and settings.width * settings.height > LOW_MEMORY_UNTILED_PIXELS:
+        if self.decodes_in_tiles(settings):
             settings = replace(settings, vae_tiling=True)
         unets = [r.components.unet for r in (self.runner, refiner) if r is not None]
         with ExitStack() as stack:
@@ -417,11 +421,10 @@ def _runner(source, device: torch.device, dtype: torch.dtype, backend: str = "to
         # oneDNN's convolutions run faster on NHWC: the SD 1.5 U-Net step at 512² in bf16 took 3.23 s
         # instead of 3.64 s here; the same numbers up to rounding
         comps.unet.to(memory_format=torch.channels_last)
-    runner = Runner(comps, device, dtype)
     # the default model's guided step took 42 ms without oneDNN and 50 ms with it (2 cores, fp32, interleaved runs)
-    small = _parameters(comps.unet) < ONEDNN_MIN_PARAMETERS
-    runner.onednn = not (device.type == "cpu" and dtype == torch.float32 and backend == "torch" and small)
-    return runner, model_info(Path(comps.source))
+    plain_convolutions = (device.type == "cpu" and dtype == torch.float32 and backend == "torch"
+                          and _parameters(comps.unet) < ONEDNN_MIN_PARAMETERS)
+    return Runner(comps, device, dtype, onednn=not plain_convolutions), model_info(Path(comps.source))
 
 
 def save(images: list[Image.Image], out: str | os.PathLike, stem: str = "sdlab") -> list[Path]:

@@ -9,7 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sdlab.cli_options import Progress, add_model_options, load_pipeline, parse_size
+from sdlab.cli_options import (
+    Progress, add_model_options, add_sampling_options, given_options, load_pipeline, parse_size,
+)
 from sdlab.errors import SdlabError
 
 
@@ -60,10 +62,6 @@ GENERATION_OPTIONS = ("negative", "steps", "guidance", "sampler", "schedule", "w
 EDIT_OPTIONS = ("strength", "mask_blur", "fill", "only_masked", "padding", "composite")
 
 
-def _options(args: argparse.Namespace, names: Sequence[str]) -> dict:
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-
-
 def _controls(args: argparse.Namespace) -> list:
     """The repeatable --controlnet/--control-* options as api.Control; a single value of an option applies to all."""
     from sdlab.api import Control
@@ -103,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdlab import api
     from sdlab.pipelines.settings import Settings
 
-    options = _options(args, GENERATION_OPTIONS)
+    options = given_options(args, GENERATION_OPTIONS)
     if args.replay:
         record = api.read_record(args.replay)
         settings = Settings.from_dict(record["settings"])
@@ -129,7 +127,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     from sdlab.pipelines.images import load_image
 
     image, controls = load_image(args.image), _controls(args)
-    options = _options(args, GENERATION_OPTIONS + ("strength",))
+    options = given_options(args, GENERATION_OPTIONS + ("strength",))
     pipe = load_pipeline(args)
     return _run(args, lambda progress: pipe.img2img(image, args.prompt, control=controls, on_step=progress, **options))
 
@@ -138,7 +136,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     from sdlab.pipelines.images import load_image
 
     image, mask, controls = load_image(args.image), load_image(args.mask), _controls(args)
-    options = _options(args, GENERATION_OPTIONS + EDIT_OPTIONS)
+    options = given_options(args, GENERATION_OPTIONS + EDIT_OPTIONS)
     pipe = load_pipeline(args)
     return _run(args, lambda progress: pipe.inpaint(image, mask, args.prompt, control=controls, on_step=progress,
                                                      **options))
@@ -148,7 +146,7 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
     from sdlab.pipelines.images import load_image
 
     image, controls = load_image(args.image), _controls(args)
-    options = _options(args, GENERATION_OPTIONS + EDIT_OPTIONS)
+    options = given_options(args, GENERATION_OPTIONS + EDIT_OPTIONS)
     pipe = load_pipeline(args)
     return _run(args, lambda progress: pipe.outpaint(image, args.prompt, extend=args.extend, fill=args.outpaint_fill,
                                                       control=controls, on_step=progress, **options))
@@ -166,15 +164,9 @@ def _parse_extend(text: str) -> tuple[int, int, int, int]:
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
-    p.add_argument("--negative", help="negative prompt")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the model's; 20, or 15 for sdlab's own)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7)")
+    add_sampling_options(p, size_default="the model's size, or the input image's")
     p.add_argument("--guidance-rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
-    p.add_argument("--sampler", help="ddim, euler_a, dpmpp_2m, … or an A1111 name such as 'DPM++ 2M Karras'")
-    p.add_argument("--schedule", choices=["default", "karras", "exponential"], help="sigma schedule (default karras)")
     p.add_argument("--eta", type=float, help="noise amount of DDIM / ancestral samplers")
-    p.add_argument("--width", type=int, help="pixels (default: the model's size, or the input image's)")
-    p.add_argument("--height", type=int, help="pixels (default: the model's size, or the input image's)")
     p.add_argument("--seed", type=int, help="seed; image i of a batch uses seed + i (default: random)")
     p.add_argument("--batch", type=int, help="number of images (default 1)")
     p.add_argument("--clip-skip", type=int, help="use the text encoder's N-th last layer (default 1)")

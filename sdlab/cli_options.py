@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -60,3 +61,25 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low-memory", action="store_true",
                    help="decode images larger than 512x512 in tiles and attend in slices; on CUDA also keep the weights "
                         "in host memory and move them to the GPU a layer at a time: less memory, slower")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, swept: tuple[str, ...] = (),
+                         size_default: str = "the model's size") -> None:
+    """The prompt-side generation options, less those a sweep sets itself (`swept`)."""
+    p.add_argument("--negative", help="negative prompt")
+    if "steps" not in swept:
+        p.add_argument("--steps", type=int, help="sampling steps (default: the model's; 20, or 15 for sdlab's own)")
+    if "guidance" not in swept:
+        p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7)")
+    if "sampler" not in swept:
+        p.add_argument("--sampler", help="ddim, euler_a, dpmpp_2m, … or an A1111 name such as 'DPM++ 2M Karras'")
+    schedule = ("for samplers whose name gives none (default: the sampler's own)" if "sampler" in swept
+                else "(default karras)")
+    p.add_argument("--schedule", choices=["default", "karras", "exponential"], help=f"sigma schedule {schedule}")
+    p.add_argument("--width", type=int, help=f"pixels (default: {size_default})")
+    p.add_argument("--height", type=int, help=f"pixels (default: {size_default})")
+
+
+def given_options(args: argparse.Namespace, names: Sequence[str]) -> dict:
+    """The options among `names` given on the command line (argparse leaves the others None)."""
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}

@@ -15,7 +15,9 @@ import json
 from pathlib import Path
 
 from sdlab.atomic import atomic_write
-from sdlab.cli_options import Progress, add_model_options, load_pipeline, parse_size
+from sdlab.cli_options import (
+    Progress, add_model_options, add_sampling_options, given_options, load_pipeline, parse_size,
+)
 from sdlab.errors import SdlabError
 
 DEFAULT_PROMPT = "a red circle above a blue square on a yellow background"  # the default model draws it
@@ -36,8 +38,7 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def _generation_options(args: argparse.Namespace) -> dict:
-    names = ("negative", "steps", "guidance", "sampler", "schedule", "width", "height", "seed")
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    return given_options(args, ("negative", "steps", "guidance", "sampler", "schedule", "width", "height", "seed"))
 
 
 # --- trace ------------------------------------------------------------------------------------------
@@ -151,22 +152,6 @@ def cmd_denoise_video(args: argparse.Namespace) -> int:
 
 
 # --- parsers ------------------------------------------------------------------------------------------
-def _add_sampling_options(p: argparse.ArgumentParser, swept: tuple[str, ...] = ()) -> None:
-    """Generation options, less those a sweep sets itself."""
-    p.add_argument("--negative", help="negative prompt")
-    if "steps" not in swept:
-        p.add_argument("--steps", type=int, help="sampling steps (default: the model's; 20, or 15 for sdlab's own)")
-    if "guidance" not in swept:
-        p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7)")
-    if "sampler" not in swept:
-        p.add_argument("--sampler", help="ddim, euler_a, dpmpp_2m, … or an A1111 name such as 'DPM++ 2M Karras'")
-    schedule = ("for samplers whose name gives none (default: the sampler's own)" if "sampler" in swept
-                else "(default karras)")
-    p.add_argument("--schedule", choices=["default", "karras", "exponential"], help=f"sigma schedule {schedule}")
-    p.add_argument("--width", type=int, help="pixels (default: the model's size)")
-    p.add_argument("--height", type=int, help="pixels (default: the model's size)")
-
-
 def add_lab_parsers(sub) -> None:
     p = sub.add_parser("trace", help="tensor shapes and dtypes at every stage; with --flops, FLOPs per U-Net block")
     p.add_argument("prompt", nargs="?", help=f"what to draw (default {DEFAULT_PROMPT!r})")
@@ -187,7 +172,7 @@ def add_lab_parsers(sub) -> None:
     p.add_argument("--pixel", type=_parse_pixel, metavar="X,Y", help="also the self-attention of this image pixel")
     p.add_argument("--animate", action="store_true", help="also a GIF of the maps step by step")
     add_model_options(p)
-    _add_sampling_options(p)
+    add_sampling_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=4, help="enlarge the tiles this many times (default 4)")
     p.add_argument("--out", default="outputs/attention", help="folder (default outputs/attention)")
@@ -211,14 +196,14 @@ def add_lab_parsers(sub) -> None:
         p.add_argument("--prompts", type=int, help=f"how many held-out prompts (default {count})")
         p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every cell (default 0)")
         add_model_options(p)
-        _add_sampling_options(p, ("guidance",) if what == "guidance" else ("sampler", "steps"))
+        add_sampling_options(p, ("guidance",) if what == "guidance" else ("sampler", "steps"))
         p.add_argument("--out", help=f"folder (default outputs/sweep-{what})")
         p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("denoise-video", help="the predicted x0 at every step: frames, a captioned strip and a GIF")
     p.add_argument("prompt")
     add_model_options(p)
-    _add_sampling_options(p)
+    add_sampling_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=1, help="keep every Nth step, and always the last (default 1)")
     p.add_argument("--scale", type=int, help="enlarge strip and GIF tiles this many times (default: tiles >= 128 px)")

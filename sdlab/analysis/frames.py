@@ -17,7 +17,7 @@ gets there up to float rounding; LMS and PLMS, and DDIM and PLMS with their defa
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from sdlab.analysis.grids import captioned
-from sdlab.atomic import atomic_write
+from sdlab.analysis.heatmaps import save_gif
 from sdlab.errors import SdlabError
 from sdlab.pipelines.images import image_grid, save_png
 from sdlab.pipelines.runner import Runner, split_plan
@@ -77,7 +77,7 @@ def denoise_frames(
         raise SdlabError(f"denoising frames follow one image; got batch {options['batch']} (vary the seed instead)")
     s = pipe.settings(prompt, **options)
     steps = _steps(pipe, s)
-    tiled = _tiled(pipe, s)
+    tiled = pipe.decodes_in_tiles(s)  # frames decoded as the image will be
     frames: list[DenoiseFrame] = []
 
     def keep(denoised: Tensor) -> None:  # (1, 4, h, w) x̂0 latents, guided when CFG is on
@@ -98,13 +98,6 @@ def _steps(pipe: Pipeline, s: Settings) -> list[tuple[Runner, float, float]]:
         train_steps = pipe.config.schedule.num_train_timesteps
         parts = list(zip((pipe.runner, refiner), split_plan(plan, refiner.plan(s), s.refiner_switch, train_steps)))
     return [(r, float(sigma), float(t)) for r, p in parts for sigma, t in zip(p.sigmas[:-1], p.timesteps)]
-
-
-def _tiled(pipe: Pipeline, s: Settings) -> bool:
-    """Whether the run decodes its image in tiles, so the frames are decoded the same way (Pipeline.run)."""
-    from sdlab.api import LOW_MEMORY_UNTILED_PIXELS
-
-    return s.vae_tiling or (pipe.low_memory and s.width * s.height > LOW_MEMORY_UNTILED_PIXELS)
 
 
 def chosen(steps: int, every: int) -> list[int]:
@@ -154,14 +147,5 @@ def write_frames(
     if strip:
         strip_file = save_png(image_grid(tiles, len(tiles)), out / "strip.png", {"prompt": frames.settings.prompt})
     if gif:
-        gif_file = save_animation(tiles, [FRAME_MS] * (len(tiles) - 1) + [HOLD_MS], out / "denoise.gif")
+        gif_file = save_gif(tiles, out / "denoise.gif", [FRAME_MS] * (len(tiles) - 1) + [HOLD_MS])
     return FrameFiles(files, final, strip_file, gif_file)
-
-
-def save_animation(frames: Sequence[Image.Image], durations_ms: Sequence[int], path: str | os.PathLike) -> Path:
-    """A looping GIF showing frame i for durations_ms[i], written atomically."""
-    first, *rest = frames
-    durations = list(durations_ms)
-    return atomic_write(
-        path, lambda tmp: first.save(tmp, format="GIF", save_all=True, append_images=rest, duration=durations, loop=0)
-    )

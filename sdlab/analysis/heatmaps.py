@@ -63,9 +63,10 @@ def strip(tiles: Sequence[Image.Image], labels: Sequence[str], scale: int = 4) -
     return image_grid([captioned(t, label, scale) for t, label in zip(tiles, labels, strict=True)], len(tiles))
 
 
-def save_gif(frames: Sequence[Image.Image], path: str | os.PathLike, frame_ms: int = GIF_FRAME_MS) -> Path:
-    """An endlessly looping animation, written atomically."""
+def save_gif(frames: Sequence[Image.Image], path: str | os.PathLike, frame_ms: int | Sequence[int] = GIF_FRAME_MS) -> Path:
+    """An endlessly looping animation, written atomically; `frame_ms` for every frame, or one per frame."""
     first, *rest = frames
+    duration = frame_ms if isinstance(frame_ms, int) else list(frame_ms)
     return atomic_write(
-        path, lambda tmp: first.save(tmp, format="GIF", save_all=True, append_images=rest, duration=frame_ms, loop=0)
+        path, lambda tmp: first.save(tmp, format="GIF", save_all=True, append_images=rest, duration=duration, loop=0)
     )

@@ -91,13 +91,14 @@ def onednn(enabled: bool) -> Iterator[None]:
 class Runner:
     """A loaded model ready to make images; `generate_images` can be called many times."""
 
-    def __init__(self, components: Components, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, components: Components, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 onednn: bool = True):
         self.components = components
         self.config = components.config
         self.device = torch.device(device)
         self.dtype = dtype
         self.previewer = previewer_for(self.config, components.vae, self.device)  # None: previews decode with the VAE
-        self.onednn = True  # False: CPU convolutions skip oneDNN while sampling and decoding (small networks: api._runner)
+        self.onednn = onednn  # False: CPU convolutions skip oneDNN while sampling and decoding (small networks: api._runner)
 
     @property
     def inpainting_model(self) -> bool:
