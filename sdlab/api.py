@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -28,16 +29,22 @@ from sdlab import __version__
 from sdlab.checkpoints import formats
 from sdlab.checkpoints.load import component_weights_file, load as load_components
 from sdlab.diffusion.samplers import display_name
-from sdlab.errors import SdlabError
+from sdlab.errors import SdlabError, SdlabWarning, shorten
+from sdlab.checkpoints.embeddings import Embedding
+from sdlab.checkpoints.lora import Network
 from sdlab.models.controlnet import ControlNet
 from sdlab.models.layers import attention_slicing
 from sdlab.models.offload import sequential_offload
+from sdlab.models.unet import UNet
 from sdlab.pipelines.edit import ControlInput, make_images
 from sdlab.pipelines.images import load_image, read_png_text, save_png
 from sdlab.pipelines.masks import extend_canvas
 from sdlab.pipelines.metadata import PARAMETERS_KEY, RECORD_KEY, format_parameters
 from sdlab.pipelines.runner import PreviewCallback, Runner
-from sdlab.pipelines.settings import ControlSettings, Settings
+from sdlab.pipelines.networks import NETWORK_SUFFIXES, Networks, Use, find_files, install_embeddings, resolve_name
+from sdlab.pipelines.networks import short_hash, used_embeddings
+from sdlab.pipelines.settings import ControlSettings, Settings, as_lora
+from sdlab.prompts import extract_networks
 
 HASH_CACHE = Path(os.environ.get("SDLAB_CACHE", Path.home() / ".cache" / "sdlab")) / "hashes.json"
 SCHEDULE_NAMES = {"default": None, "karras": "Karras", "exponential": "Exponential"}
@@ -134,7 +141,8 @@ class Pipeline:
     image's size (rounded down to a multiple of 8)."""
 
     def __init__(self, runner: Runner, info: ModelInfo, refiner: tuple[Runner, ModelInfo] | None = None,
-                 low_memory: bool = False, offload: bool = False):
+                 low_memory: bool = False, offload: bool = False, lora_dirs: Sequence[str | os.PathLike] = (),
+                 fuse_lora: bool = False):
         self.runner = runner
         self.low_memory = low_memory
         self.offload = offload  # weights in host memory, visiting the device a layer at a time
@@ -142,6 +150,55 @@ class Pipeline:
         self.config = runner.config
         self.refiner = refiner
         self._controlnets: dict[str, tuple[ControlNet, ModelInfo]] = {}
+        self.lora_dirs = tuple(lora_dirs)
+        modules = {k: v for k, v in runner.components.modules().items() if k != "vae"}
+        self.networks = Networks(modules, fuse=fuse_lora)
+        self._loras: dict[str, tuple[Network, str]] = {}  # path -> (network, A1111 short hash)
+        self.embeddings: dict[str, tuple[Embedding, str]] = {}  # name -> (embedding, short hash)
+
+    # --- LoRA and textual inversion --------------------------------------------------------------
+    def lora_names(self) -> dict[str, Path]:
+        """The LoRA files of the lora dirs, by the name a `<lora:name:w>` tag uses."""
+        return find_files(self.lora_dirs, NETWORK_SUFFIXES) if self.lora_dirs else {}
+
+    def load_lora(self, path: str | os.PathLike) -> Network:
+        """Read a LoRA file against this model (once; later calls reuse it); unmatched keys in `.unmatched`."""
+        from sdlab.checkpoints.lora import read_network
+
+        key = str(path)
+        if key not in self._loras:
+            comps = self.runner.components
+            network = read_network(path, self.networks.modules, self.config.unet, device=self.runner.device)
+            if network.updates.get("unet") and not isinstance(comps.unet, UNet):
+                raise SdlabError(f"{path}: LoRA on the U-Net needs the torch backend (--backend torch)")
+            if network.unmatched:
+                warnings.warn(f"{path}: {len(network.unmatched)} keys match no layer of this model and are not applied "
+                              f"({shorten(network.unmatched, 3)})", SdlabWarning, stacklevel=2)
+            self._loras[key] = (network, short_hash(Path(path)))
+        return self._loras[key][0]
+
+    def lora_uses(self, settings: Settings) -> list[tuple[Use, str, str]]:
+        """The LoRAs a run applies, (use, name, A1111 short hash): its `lora` files, then its prompt's tags."""
+        _, tags = extract_networks(settings.prompt)
+        known = self.lora_names() if tags else {}
+        wanted = [(one.path, one.weight, one.weight) for one in settings.lora]
+        wanted += [(str(resolve_name(t.name, known)), t.te_weight, t.unet_weight) for t in tags]
+        uses = []
+        for path, te, unet in wanted:
+            network = self.load_lora(path)
+            uses.append((Use(network, te, unet), network.name, self._loras[path][1]))
+        return uses
+
+    def load_embeddings(self, paths: Sequence[str | os.PathLike] = (), dirs: Sequence[str | os.PathLike] = ()) -> list[str]:
+        """Textual-inversion embeddings, usable by name in prompts from now on; returns the names added."""
+        from sdlab.checkpoints.embeddings import EMBEDDING_SUFFIXES, read_embedding
+
+        files = {**(find_files(dirs, EMBEDDING_SUFFIXES) if dirs else {}), **{Path(p).stem: Path(p) for p in paths}}
+        dims = [spec.encoder.hidden_size for spec in self.config.text]
+        for name, path in files.items():
+            self.embeddings[name] = (read_embedding(path, dims), short_hash(path))
+        install_embeddings(self.runner.components.text_encoders, [e for e, _ in self.embeddings.values()])
+        return list(files)
 
     def generate(
         self, prompt: str, *, control: Sequence[Control] = (), on_step: Callable[[int, int], None] | None = None,
@@ -209,6 +266,7 @@ class Pipeline:
         refiner = None if self.refiner is None else self.refiner[0]
         if self.decodes_in_tiles(settings):
             settings = replace(settings, vae_tiling=True)
+        self.networks.use([use for use, _, _ in self.lora_uses(settings)])
         unets = [r.components.unet for r in (self.runner, refiner) if r is not None]
         with ExitStack() as stack:
             for unet in unets:
@@ -259,6 +317,8 @@ class Pipeline:
             "CFG rescale": f"{s.guidance_rescale:g}" if s.guidance_rescale else None,
             "Eta": s.eta,
             **{f"ControlNet {i}": self._control_text(c) for i, c in enumerate(s.control)},
+            "Lora hashes": ", ".join(f"{name}: {h}" for _, name, h in self.lora_uses(s)) or None,
+            "TI hashes": ", ".join(f"{n}: {self.embeddings[n][1]}" for n in self._used_embeddings(s)) or None,
             "Refiner": None if self.refiner is None else f"{self.refiner[1].name} [{self.refiner[1].short_hash}]",
             "Refiner switch at": None if self.refiner is None else s.refiner_switch,
             "Version": f"sdlab {__version__}",
@@ -268,11 +328,18 @@ class Pipeline:
             "model": _identity(self.info),
             "refiner": None if self.refiner is None else _identity(self.refiner[1]),
             "controlnets": [_identity(self._controlnets[c.model][1]) for c in s.control if c.model in self._controlnets],
+            "loras": [{"path": u.network.source, "name": name, "hash": h, "te": u.te_weight, "unet": u.unet_weight}
+                      for u, name, h in self.lora_uses(s)],
+            "embeddings": [{"name": n, "path": self.embeddings[n][0].source, "hash": self.embeddings[n][1]}
+                           for n in self._used_embeddings(s)],
             "dtype": formats.dtype_name(self.runner.dtype),
             "device": str(self.runner.device),
             "sdlab": __version__,
         }
         return {PARAMETERS_KEY: format_parameters(s.prompt, s.negative, pairs), RECORD_KEY: json.dumps(record)}
+
+    def _used_embeddings(self, s: Settings) -> list[str]:
+        return used_embeddings(f"{s.prompt}\n{s.negative}", list(self.embeddings))
 
     def _control_text(self, c: ControlSettings) -> str:
         """As the sd-webui-controlnet extension writes its units (one quoted value)."""
@@ -284,6 +351,9 @@ class Pipeline:
 
 
 def _settings(prompt: str, options: dict, control: Sequence[Control]) -> Settings:
+    options = dict(options)
+    if "lora" in options:
+        options["lora"] = tuple(as_lora(x) for x in options["lora"])
     try:
         return Settings(prompt=prompt, control=tuple(c.settings() for c in control), **options)
     except TypeError as e:
@@ -329,6 +399,10 @@ def load(
     backend: str = "auto",
     low_memory: bool = False,
     offload: bool | None = None,
+    lora_dirs: Sequence[str | os.PathLike] = (),
+    fuse_lora: bool = False,
+    embeddings: Sequence[str | os.PathLike] = (),
+    embeddings_dirs: Sequence[str | os.PathLike] = (),
 ) -> Pipeline:
     """Load a model once: None for sdlab's default model, a diffusers folder, a single file or a repo id.
     dtype defaults to fp32 on the CPU and fp16 on CUDA. `refiner` (an SDXL refiner) takes over the
@@ -337,7 +411,9 @@ def load(
     "auto" (the default) chooses it where it is faster (`choose_backend`), else "torch". `low_memory`
     decodes images larger than 512x512 in tiles and attends in slices of queries. `offload` keeps the
     weights in host memory and moves them to `device` a layer at a time (models.offload); by default
-    it is on with `low_memory` on CUDA."""
+    it is on with `low_memory` on CUDA. `lora_dirs` are searched for the LoRAs that `<lora:name:w>` tags
+    name; LoRAs are patched in (forward hooks) unless `fuse_lora` adds them into the weights. `embeddings`
+    (files) and `embeddings_dirs` hold textual-inversion embeddings, used by their names in prompts."""
     source = default_model() if model is None else model
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -356,7 +432,10 @@ def load(
                 f"a refiner hands off from an SDXL base to an SDXL refiner; got {base[0].config.family} "
                 f"and {second[0].config.family}"
             )
-    return Pipeline(*base, second, low_memory=low_memory, offload=offload)
+    pipe = Pipeline(*base, second, low_memory=low_memory, offload=offload, lora_dirs=lora_dirs, fuse_lora=fuse_lora)
+    if embeddings or embeddings_dirs:
+        pipe.load_embeddings(embeddings, embeddings_dirs)
+    return pipe
 
 
 BACKENDS = ("auto", "torch", "openvino")

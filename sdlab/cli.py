@@ -6,13 +6,14 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from sdlab.cli_options import (
-    Progress, add_model_options, add_sampling_options, given_options, load_pipeline, parse_size,
+    Progress, add_model_options, add_network_options, add_sampling_options, given_options, load_pipeline, parse_size,
 )
-from sdlab.errors import SdlabError
+from sdlab.errors import SdlabError, SdlabWarning
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -58,7 +59,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 GENERATION_OPTIONS = ("negative", "steps", "guidance", "sampler", "schedule", "width", "height", "seed", "batch",
                       "clip_skip", "guidance_rescale", "eta", "refiner_switch", "tiling", "vae_tiling", "cfg_end",
-                      "token_merging")
+                      "token_merging", "lora")
 EDIT_OPTIONS = ("strength", "mask_blur", "fill", "only_masked", "padding", "composite")
 
 
@@ -179,6 +180,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--token-merging", type=float, metavar="R",
                    help="merge the fraction R of full-resolution tokens before self-attention, up to 0.75 (default 0)")
     p.add_argument("--out", default="outputs", help="a .png path or a folder (default: outputs/)")
+    add_network_options(p)
     g = p.add_argument_group("ControlNet (repeat --controlnet and --control-image for several)")
     g.add_argument("--controlnet", action="append", metavar="PATH", help="a ControlNet: diffusers folder or single file")
     g.add_argument("--control-image", action="append", metavar="IMAGE", help="the image that steers it")
@@ -421,10 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, SdlabWarning):
+        print(f"sdlab: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", SdlabWarning)
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except SdlabError as e:
         print(f"sdlab: error: {e}", file=sys.stderr)
         return 1

@@ -45,8 +45,35 @@ def load_pipeline(args: argparse.Namespace, model=None, refiner=None, dtype=None
     return api.load(
         model or args.model, device=device or args.device or "cpu", dtype=dtype or args.dtype, config=args.config,
         prediction_type=args.prediction_type, refiner=refiner or getattr(args, "refiner", None),
-        backend=backend or args.backend, low_memory=args.low_memory,
+        backend=backend or args.backend, low_memory=args.low_memory, lora_dirs=getattr(args, "lora_dir", None) or (),
+        fuse_lora=getattr(args, "fuse_lora", False), embeddings=getattr(args, "embedding", None) or (),
+        embeddings_dirs=getattr(args, "embeddings_dir", None) or (),
     )
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """--lora PATH[:WEIGHT] -> (path, weight); a path may itself hold colons (C:\\loras\\x.safetensors)."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def add_network_options(p: argparse.ArgumentParser) -> None:
+    """LoRA and textual-inversion options of the commands that generate."""
+    g = p.add_argument_group("LoRA and textual inversion")
+    g.add_argument("--lora", action="append", type=parse_lora, metavar="PATH[:W]",
+                   help="a LoRA / LyCORIS file and its weight (default 1); repeat for several")
+    g.add_argument("--lora-dir", action="append", metavar="DIR",
+                   help="where <lora:name:weight> tags in the prompt find their files (searched recursively)")
+    g.add_argument("--fuse-lora", action="store_true",
+                   help="add LoRAs into the weights (faster steps, slower to switch) instead of patching layers")
+    g.add_argument("--embedding", action="append", metavar="PATH",
+                   help="a textual-inversion embedding, used by its file name in the prompt; repeatable")
+    g.add_argument("--embeddings-dir", action="append", metavar="DIR", help="a folder of embeddings, used by name")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,10 @@ class SdlabError(Exception):
     """Base of every error sdlab raises on bad input; `str(err)` is one line saying what to do."""
 
 
+class SdlabWarning(UserWarning):
+    """Something the user should know about that does not stop the work (e.g. LoRA keys that match no layer)."""
+
+
 class CheckpointError(SdlabError):
     """A weights file or folder that is missing, unreadable, unsafe or of another architecture."""
 

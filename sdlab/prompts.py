@@ -48,8 +48,9 @@ FIRST chunk of the last encoder that has a text projection (SDXL's bigG), or Non
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -163,6 +164,69 @@ def parse_prompt_attention(prompt: str) -> list[Piece]:
     return state.finish()
 
 
+# --- 1b. extra networks: <lora:name:weight> ------------------------------------------------------
+NETWORK_KINDS = ("lora", "lyco")  # A1111's LyCORIS extension's tag; the same files, the same loader
+_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
+
+
+@dataclass(frozen=True)
+class NetworkTag:
+    """`<lora:name:te:unet>` in a prompt: a LoRA by name, its text-encoder and U-Net weights."""
+
+    name: str
+    te_weight: float = 1.0
+    unet_weight: float = 1.0
+
+
+def _tag_number(text: str, tag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SdlabError(f"{tag}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise SdlabError(f"{tag}: the weight must be finite, got {text!r}")
+    return value
+
+
+def _network_tag(args: str, tag: str) -> NetworkTag:
+    """A1111's arguments: name, then te and unet weights by position or as te= / unet= (unet defaults to te)."""
+    name, *rest = args.split(":")
+    positional, named = [], {}
+    for part in rest:
+        key, eq, value = part.partition("=")
+        if eq:
+            if key.strip() not in ("te", "unet", "dyn"):
+                raise SdlabError(f"{tag}: unknown argument {key.strip()!r} (known: te=, unet=)")
+            named[key.strip()] = value
+        else:
+            positional.append(part)
+    if "dyn" in named or len(positional) > 2:
+        raise SdlabError(f"{tag}: dynamic LoRA dimension (dyn) is not supported; give <lora:name:te_weight:unet_weight>")
+    te = _tag_number(named.get("te", positional[0] if positional else "1"), tag)
+    unet = _tag_number(named["unet"], tag) if "unet" in named else (
+        _tag_number(positional[1], tag) if len(positional) > 1 else te)
+    if not name.strip():
+        raise SdlabError(f"{tag}: the LoRA has no name")
+    return NetworkTag(name.strip(), te, unet)
+
+
+def extract_networks(prompt: str) -> tuple[str, list[NetworkTag]]:
+    """A1111's extra-network tags taken out of a prompt: ("a <lora:ink:0.8> cat") -> ("a  cat", [ink x0.8]).
+    Tags of other kinds stay in the text, as A1111 leaves them; hypernetworks are refused."""
+    tags: list[NetworkTag] = []
+
+    def take(m: re.Match) -> str:
+        kind = m.group(1).lower()
+        if kind in NETWORK_KINDS:
+            tags.append(_network_tag(m.group(2), m.group(0)))
+            return ""
+        if kind == "hypernet":
+            raise SdlabError(f"{m.group(0)}: hypernetworks are not supported; LoRA (<lora:name:weight>) is")
+        return m.group(0)
+
+    return _NETWORK_TAG.sub(take, prompt), tags
+
+
 # --- 2. chunks of 75 tokens ---------------------------------------------------------------------
 
 
@@ -196,6 +260,15 @@ class _ChunkBuilder:
         self.ids.append(token)
         self.weights.append(weight)
 
+    def add_group(self, ids: Sequence[int], weight: float) -> None:
+        """An embedding's ids: kept together in one chunk (a new one when they do not fit), as A1111 does."""
+        if len(ids) > self.size:
+            raise SdlabError(f"an embedding of {len(ids)} vectors does not fit a chunk of {self.size} tokens")
+        if len(self.ids) + len(ids) > self.size:
+            self.close()
+        self.ids += ids
+        self.weights += [weight] * len(ids)
+
     def _move_tail_after_comma(self) -> None:
         cut = self.last_comma + 1
         tail = self.ids[cut:], self.weights[cut:]
@@ -213,16 +286,41 @@ class _ChunkBuilder:
         return self.done
 
 
-def build_chunks(pieces: Sequence[Piece], tokenizer: Tokenizer, backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
-    """Parsed prompt -> framed chunks of `tokenizer.cfg.max_length` ids (at least one)."""
+Extra = Mapping[str, Sequence[int]]  # an embedding's name -> the ids of its vectors (CLIPTextEmbeddings.extra_names)
+
+
+def _substitute(tokens: list[int], names: list[tuple[list[int], Sequence[int]]]) -> Iterator[tuple[int, ...]]:
+    """Tokens -> groups: an embedding's ids where its name's tokens stand (longest name first), else single tokens."""
+    i = 0
+    while i < len(tokens):
+        for name, ids in names:
+            if tokens[i : i + len(name)] == name:
+                yield tuple(ids)
+                i += len(name)
+                break
+        else:
+            yield (tokens[i],)
+            i += 1
+
+
+def build_chunks(
+    pieces: Sequence[Piece], tokenizer: Tokenizer, backtrack: int = COMMA_BACKTRACK, extra: Extra | None = None
+) -> list[Chunk]:
+    """Parsed prompt -> framed chunks of `tokenizer.cfg.max_length` ids (at least one). With `extra`, an
+    embedding's name in the text becomes the ids of its vectors."""
     cfg = tokenizer.cfg
     builder = _ChunkBuilder(cfg.max_length - 2, tokenizer.vocab.ids[COMMA], backtrack)
+    names = sorted(((tokenizer.encode(n), ids) for n, ids in (extra or {}).items()), key=lambda p: -len(p[0]))
+    names = [(name, ids) for name, ids in names if name]
     for piece in pieces:
         if isinstance(piece, Break):
             builder.close()
             continue
-        for token in tokenizer.encode(piece.text):
-            builder.add(token, piece.weight)
+        for group in _substitute(tokenizer.encode(piece.text), names):
+            if len(group) == 1 and group[0] < tokenizer.vocab_size:
+                builder.add(group[0], piece.weight)
+            else:
+                builder.add_group(group, piece.weight)
     return [_frame(ids, weights, tokenizer) for ids, weights in builder.finish()]
 
 
@@ -292,7 +390,7 @@ def _encode_with(
     pooled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One encoder's weighted context (1, 77 * n, D) and, if asked, its first chunk's text feature."""
-    chunks = build_chunks(pieces, tokenizer)
+    chunks = build_chunks(pieces, tokenizer, extra=encoder.text_model.embeddings.extra_names)
     return encode_chunks(chunks, encoder, _skip_layers(cond, clip_skip), cond.final_layer_norm, pooled)
 
 
@@ -314,7 +412,7 @@ def encode_prompt(
             f"need one tokenizer and one conditioner per text encoder; got {len(text_encoders)} encoders, "
             f"{len(tokenizers)} tokenizers, {len(conditioners)} conditioners"
         )
-    pieces = parse_prompt_attention(prompt)
+    pieces = parse_prompt_attention(extract_networks(prompt)[0])
     pooled_at = _pooled_index(conditioners)
     contexts, pooled = [], None
     for i, (encoder, tokenizer, cond) in enumerate(zip(text_encoders, tokenizers, conditioners)):

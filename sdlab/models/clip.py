@@ -43,10 +43,37 @@ class TextEncoderOutput:
 
 
 class CLIPTextEmbeddings(nn.Module):
+    """Token + position embeddings. Ids from `vocab_size` on look up `extra` (n, D), rows set aside for
+    textual-inversion vectors (`set_extra_tokens`); they are not part of the state dict."""
+
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.extra: torch.Tensor | None = None  # (n, D) rows for ids vocab_size … vocab_size + n - 1
+        self.extra_names: dict[str, tuple[int, ...]] = {}  # name -> its ids, in order
+
+    def set_extra_tokens(self, rows: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        """Replace the extra rows with `rows` (name -> (n_i, D) vectors); returns each name's ids."""
+        start, names, blocks = self.token_embedding.num_embeddings, {}, []
+        for name, vectors in rows.items():
+            names[name] = tuple(range(start, start + vectors.shape[0]))
+            start += vectors.shape[0]
+            blocks.append(vectors)
+        weight = self.token_embedding.weight
+        self.extra = torch.cat(blocks).to(weight.device, weight.dtype) if blocks else None  # (n, D)
+        self.extra_names = names
+        return names
+
+    def tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D) token vectors, extra rows included."""
+        vocab = self.token_embedding.num_embeddings
+        if self.extra is None:
+            return self.token_embedding(input_ids)
+        is_extra = input_ids >= vocab  # (B, L)
+        base = self.token_embedding(input_ids.masked_fill(is_extra, 0))
+        rows = self.extra.to(base.dtype)[(input_ids - vocab).clamp(0, self.extra.shape[0] - 1)]  # (B, L, D)
+        return torch.where(is_extra[..., None], rows, base)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[-1]
@@ -56,7 +83,7 @@ class CLIPTextEmbeddings(nn.Module):
                 "truncate or chunk the prompt first"
             )
         positions = torch.arange(length, device=input_ids.device)  # (L,)
-        return self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, D)
+        return self.tokens(input_ids) + self.position_embedding(positions)  # (B, L, D)
 
 
 class CLIPAttention(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import random
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, get_args
@@ -42,6 +43,18 @@ class ControlSettings:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """One LoRA file of a run (besides the `<lora:name:w>` tags of its prompt) and its weight."""
+
+    path: str
+    weight: float = 1.0
+
+    def check(self) -> None:
+        if not math.isfinite(self.weight):
+            raise SdlabError(f"LoRA {self.path}: the weight must be a finite number, got {self.weight}")
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything that decides an image, besides the model. Names are the CLI's long options."""
 
@@ -65,6 +78,7 @@ class Settings:
     cfg_end: float = 1.0  # guidance for this fraction of the steps, then the conditional pass alone (CFG truncation)
     token_merging: float = 0.0  # fraction of full-resolution tokens merged before self-attention (ToMe for SD)
     control: tuple[ControlSettings, ...] = ()
+    lora: tuple[LoraSettings, ...] = ()  # LoRA files applied to the text encoders and the U-Net
     # editing an image (img2img, inpaint, outpaint); strength None: text to image
     strength: float | None = None  # 0 keeps the image, 1 starts from pure noise
     mask_blur: int = 4  # pixels; softens the mask's edge where result and original meet
@@ -112,6 +126,8 @@ class Settings:
         self._check_editing()
         for i, unit in enumerate(self.control):
             unit.check(i)
+        for one in self.lora:
+            one.check()
         seed = random.randint(0, MAX_SEED) if self.seed is None or self.seed < 0 else self.seed
         if seed > MAX_SEED:
             raise SdlabError(f"seed must be at most {MAX_SEED}, got {seed}")
@@ -147,4 +163,18 @@ class Settings:
         values["control"] = tuple(
             c if isinstance(c, ControlSettings) else ControlSettings(**c) for c in values.get("control", ())
         )
+        values["lora"] = tuple(as_lora(x) for x in values.get("lora", ()))
         return cls(**values)
+
+
+def as_lora(x: LoraSettings | dict | str | tuple) -> LoraSettings:
+    """A LoRA as the API takes it: a path, (path, weight), {"path": …, "weight": …} or LoraSettings."""
+    if isinstance(x, LoraSettings):
+        return x
+    if isinstance(x, dict):
+        return LoraSettings(**x)
+    if isinstance(x, (str, os.PathLike)):
+        return LoraSettings(str(x))
+    if isinstance(x, (tuple, list)) and len(x) == 2 and isinstance(x[1], (int, float)):
+        return LoraSettings(str(x[0]), float(x[1]))
+    raise SdlabError(f"a LoRA is a path or (path, weight), got {x!r}")
