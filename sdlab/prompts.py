@@ -22,13 +22,21 @@ Two choices where AUTOMATIC1111 does something no one would ask for:
 - A1111 multiplies a BREAK's marker weight inside brackets, which turns `(a BREAK b)` into the literal
   token "break" with weight -1.1; here a BREAK always breaks, inside brackets or not.
 
+Extra networks (`extract_networks`)
+-----------------------------------
+`<lora:name:w>` (and `<lyco:…>`) tags are taken out of the text before it is parsed: `name`, then the
+text-encoder weight and the U-Net weight by position or as `te=`/`unet=` (the U-Net's defaults to the
+text encoder's). The pipeline applies the LoRAs; the encoder never sees the tags.
+
 Chunks (`build_chunks`)
 -----------------------
 Each fragment's text is tokenised on its own; the tokens, with their fragment's weight, fill chunks of
 `max_length - 2` = 75 tokens. A token arriving at a full chunk starts a new one, except that when the
 chunk's last comma (the token `,</w>`) is at most `COMMA_BACKTRACK` = 20 tokens from its end, the tokens
 after that comma move to the new chunk (A1111's `comma_padding_backtrack`). A comma that itself arrives
-at a full chunk opens the next chunk and is not remembered as a comma there (as in A1111). BREAK closes
+at a full chunk opens the next chunk and is not remembered as a comma there (as in A1111). A textual-inversion
+embedding's name (its tokens, matched after tokenising) becomes the ids of its vectors, which stay
+together: when they do not fit the open chunk they start the next one. BREAK closes
 the current chunk even when it is empty; a trailing empty chunk is dropped unless it is the only one.
 Every chunk is framed like the tokenizer frames a prompt: BOS, its tokens, EOS, then the family's pad id
 (EOS for OpenAI CLIP, 0 for OpenCLIP) to 77 ids; BOS, EOS and padding have weight 1.

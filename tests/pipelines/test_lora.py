@@ -145,3 +145,31 @@ def test_separate_text_encoder_and_unet_weights(model, tmp_path):
     both = _ours(pipe, [(files["kohya"], 1.0)])
     for image in (unet_only, te_only):
         assert not np.array_equal(image, plain) and not np.array_equal(image, both)
+
+
+def test_cli_lora_option_warns_of_unmatched_keys_and_refuses_bad_files(model, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from sdlab.cli import main
+
+    cfg, folder, files = model
+    state = load_file(files["kohya"])
+    state["lora_unet_not_a_layer.lora_down.weight"] = torch.zeros(2, 3)
+    save_file(state, tmp_path / "extra.safetensors")
+    out = tmp_path / "out.png"
+    argv = ["generate", PROMPT, "--model", str(folder), "--steps", str(STEPS), "--guidance", str(GUIDANCE),
+            "--sampler", "euler", "--schedule", "default", "--seed", str(SEED), "--out", str(out)]
+    assert main([*argv, "--lora", f"{tmp_path / 'extra.safetensors'}:0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "sdlab: warning:" in err and "1 keys match no layer" in err and "lora_unet_not_a_layer" in err
+    api = _ours(sdlab.load(folder), [(files["kohya"], 0.5)])
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")).astype(int), api)
+
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    assert main([*argv, "--lora", str(tmp_path / "bad.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sdlab: error:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out-1.png").exists()
