@@ -416,10 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_grid)
 
     from sdlab.analysis.cli import add_lab_parsers
-    from sdlab.train.cli import add_train_parser
+    from sdlab.train.cli import add_finetune_parser, add_train_parser
 
     add_lab_parsers(sub)
     add_train_parser(sub)
+    add_finetune_parser(sub)
     return parser
 
 

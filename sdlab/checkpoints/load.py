@@ -223,6 +223,13 @@ def _pad_id(tokenizer_dir: Path, default: int) -> int:
     return {"<|endoftext|>": 49407, "!": 0, None: default}.get(pad, default)
 
 
+def _max_length(tokenizer_dir: Path, positions: int) -> int:
+    """The tokenizer's model_max_length, at most the encoder's positions (77 for every released model)."""
+    f = tokenizer_dir / "tokenizer_config.json"
+    value = _read_json(f).get("model_max_length") if f.is_file() else None
+    return min(value, positions) if isinstance(value, int) and value > 0 else positions
+
+
 def text_components(folder: Path) -> list[str]:
     """The text encoders model_index.json names (not null) and the folder holds, in config order."""
     index = _read_json(folder / "model_index.json")
@@ -249,7 +256,7 @@ def model_config_from_diffusers(folder: Path) -> tuple[ModelConfig, dict]:
     for name, enc in zip(present, encoders):
         tok_dir = folder / name.replace("text_encoder", "tokenizer")
         default_pad = 49407 if enc.activation == "quick_gelu" else 0
-        tok = TokenizerConfig(pad_token_id=_pad_id(tok_dir, default_pad))
+        tok = TokenizerConfig(pad_token_id=_pad_id(tok_dir, default_pad), max_length=_max_length(tok_dir, enc.max_positions))
         text.append(TextConditioner(enc, tok, hidden_layer=-2 if xl else -1, final_layer_norm=not xl))
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json") if (folder / "scheduler").is_dir() else {}
     cfg = ModelConfig(

@@ -258,3 +258,89 @@ def read_network(
             "is it a LoRA for another model family, or not a LoRA?"
         )
     return Network(path.stem, source, dict(updates), sorted(unmatched))
+
+
+# --- writing ------------------------------------------------------------------------------------------
+LAYOUTS = ("kohya", "diffusers")
+
+
+def _unet_names(unet_cfg: UNetConfig) -> dict[str, str]:
+    """Our U-Net layer path -> diffusers' layer path."""
+    return {o.removesuffix(".weight"): t.removesuffix(".weight") for o, t in unet_key_pairs(unet_cfg) if o.endswith(".weight")}
+
+
+def _low_rank(updates: Mapping[str, Mapping[str, Update]]) -> None:
+    for component, layers in updates.items():
+        for layer, update in layers.items():
+            if not isinstance(update, LowRank) or update.mid is not None:
+                raise CheckpointError(f"{component} {layer}: only plain LoRA updates (up · down) can be written")
+
+
+def kohya_state(updates: Mapping[str, Mapping[str, Update]], unet_cfg: UNetConfig, sdxl: bool) -> dict[str, Tensor]:
+    """kohya-ss keys, as sd-scripts writes them: U-Net layers under diffusers' names for SD1/SD2 and the ldm
+    names for SDXL; lora_te_ (one text encoder) or lora_te1_/lora_te2_; alpha = scale · rank."""
+    _low_rank(updates)
+    diffusers_names = _unet_names(unet_cfg)
+    text_prefix = {TEXT_ENCODER: "lora_te1_" if sdxl else "lora_te_", TEXT_ENCODER_2: "lora_te2_"}
+    state: dict[str, Tensor] = {}
+    for component, layers in updates.items():
+        for layer, u in layers.items():
+            if component == UNET:
+                base = "lora_unet_" + (layer if sdxl else diffusers_names[layer]).replace(".", "_")
+            else:
+                base = text_prefix[component] + layer.replace(".", "_")
+            state[f"{base}.lora_down.weight"] = u.down.detach()
+            state[f"{base}.lora_up.weight"] = u.up.detach()
+            state[f"{base}.alpha"] = torch.tensor(u.scale * u.rank, dtype=torch.float32)
+    return state
+
+
+def diffusers_state(updates: Mapping[str, Mapping[str, Update]], unet_cfg: UNetConfig) -> tuple[dict[str, Tensor], dict]:
+    """diffusers / PEFT keys (`unet.<diffusers layer>.lora_A.weight` …) and the LoraConfig metadata per
+    component that `load_lora_weights` reads (rank, alpha and the target layers)."""
+    _low_rank(updates)
+    diffusers_names = _unet_names(unet_cfg)
+    state: dict[str, Tensor] = {}
+    metadata: dict[str, object] = {}
+    for component, layers in updates.items():
+        targets, ranks, alphas = [], {}, {}
+        for layer, u in layers.items():
+            name = diffusers_names[layer] if component == UNET else layer
+            state[f"{component}.{name}.lora_A.weight"] = u.down.detach()
+            state[f"{component}.{name}.lora_B.weight"] = u.up.detach()
+            # PEFT matches targets as name suffixes: without `text_model.` they also name the layers of
+            # transformers >= 5.6, whose CLIP text models have no such level
+            target = name.removeprefix("text_model.")
+            targets.append(target)
+            ranks[target], alphas[target] = u.rank, u.scale * u.rank
+        if not targets:
+            continue
+        rank = max(set(ranks.values()), key=list(ranks.values()).count)  # the commonest; the others as patterns
+        alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+        metadata.update({
+            f"{component}.r": rank,
+            f"{component}.lora_alpha": alpha,
+            f"{component}.target_modules": sorted(targets),
+            f"{component}.rank_pattern": {n: r for n, r in ranks.items() if r != rank},
+            f"{component}.alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
+        })
+    return state, metadata
+
+
+def write_lora(path: str | Path, updates: Mapping[str, Mapping[str, Update]], unet_cfg: UNetConfig, *, sdxl: bool,
+               layout: str = "kohya", metadata: Mapping[str, str] | None = None) -> Path:
+    """Write trained LoRA updates as .safetensors in kohya's layout or diffusers'; `metadata` (strings) is
+    kept in the header beside what the layout needs."""
+    path = Path(path)
+    header = dict(metadata or {})
+    if layout == "kohya":
+        state = kohya_state(updates, unet_cfg, sdxl)
+    elif layout == "diffusers":
+        state, config = diffusers_state(updates, unet_cfg)
+        header[METADATA_KEY] = json.dumps(config, sort_keys=True)
+        header["format"] = "pt"
+    else:
+        raise CheckpointError(f"unknown LoRA layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    formats.write_safetensors(path, {k: v.float().cpu().contiguous() for k, v in state.items()}, header)
+    return path

@@ -106,3 +106,91 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif not result.finished and result.main:
         print(f"stopped before the last step; continue with: sdlab train --out {args.out} --resume", file=sys.stderr)
     return 0
+
+
+# --- sdlab finetune -----------------------------------------------------------------------------------
+def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
+    from sdlab.train.finetune import METHODS, FinetuneSettings
+
+    defaults = {f.name: f.default for f in fields(FinetuneSettings)}
+
+    def default(text: str, name: str) -> str:
+        value = defaults.get(name)
+        return f"{text} (default: {value})" if value not in (None, (), False) else text
+
+    p = subparsers.add_parser(
+        "finetune",
+        help="adapt a model to your images: LoRA, full fine-tuning, DreamBooth, textual inversion",
+        description="Trains on a folder of images with .txt captions (or .tar shards) from a base model and writes "
+        "OUT/NAME.safetensors: a kohya-layout LoRA, an AUTOMATIC1111 embedding, or a single-file model. Under "
+        "torchrun or accelerate launch it runs data-parallel.",
+    )
+    p.add_argument("--out", required=True, help="run folder: checkpoint, samples, log, the result")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where its checkpoint left it")
+    p.add_argument("--data", nargs="+", help="a folder of images with same-name .txt captions, or .tar shards/globs")
+    p.add_argument("--model", help="the base model: a file, diffusers folder or repo id (default: sdlab's own)")
+    p.add_argument("--method", choices=METHODS, help=default("what to train", "method"))
+    p.add_argument("--name", help="the result's file name, and a textual-inversion embedding's name (default: OUT's)")
+    p.add_argument("--caption", help="one caption for every image (DreamBooth's instance prompt, e.g. 'a photo of sks dog')")
+    p.add_argument("--size", type=int, help="pixels: a square's side, every bucket's area (default: the model's)")
+    p.add_argument("--buckets", action="store_true", default=None, help="aspect-ratio bucketing instead of square crops")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, help=default("rank r of each update", "rank"))
+    g.add_argument("--alpha", type=float, help="alpha: updates are scaled by alpha / r (default: r)")
+    g.add_argument("--targets", choices=("attention", "transformer", "all"),
+                   help=default("layers: attention, the transformers (kohya's default), or all with convolutions (LoCon)",
+                                "targets"))
+    g.add_argument("--train-text-encoder", action="store_true", default=None, help="train the text encoder(s) too")
+    g = p.add_argument_group("textual inversion")
+    g.add_argument("--vectors", type=int, help=default("vectors of the embedding", "vectors"))
+    g.add_argument("--init-word", help=default("its vectors start as this word's", "init_word"))
+    g = p.add_argument_group("DreamBooth prior preservation")
+    g.add_argument("--class-prompt", help="e.g. 'a photo of a dog': the base model draws the class images from it")
+    g.add_argument("--class-images", type=int, help="how many class images (made once, in OUT/class-images)")
+    g.add_argument("--prior-weight", type=float, help=default("loss weight of a class image", "prior_weight"))
+    g = p.add_argument_group("optimisation")
+    for flag, kind, text in (("--steps", int, "optimizer steps"), ("--batch", int, "images per micro-batch and process"),
+                             ("--lr", float, "learning rate (AdamW)"), ("--warmup", int, "linear warm-up steps"),
+                             ("--weight-decay", float, "AdamW weight decay"), ("--accumulate", int, "micro-batches per step"),
+                             ("--clip", float, "max gradient norm, 0 for none"), ("--seed", int, "seed"),
+                             ("--caption-dropout", float, "rate of captions replaced by the empty prompt")):
+        g.add_argument(flag, type=kind, help=default(text, flag[2:].replace("-", "_")))
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), help=default("after warm-up", "lr_schedule"))
+    g.add_argument("--ema-decay", type=float, help="keep an EMA of what is trained (default: none)")
+    g.add_argument("--min-snr-gamma", type=float, help="weight each timestep's loss by min(SNR, γ) (default: off)")
+    g.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help=default("autocast dtype", "precision"))
+    g.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute U-Net activations in the backward pass: less memory, a third slower")
+    g = p.add_argument_group("this session (may change on --resume)")
+    g.add_argument("--save-every", type=int, help=default("checkpoint every N steps", "save_every"))
+    g.add_argument("--sample-every", type=int, help="sample grids every N steps (default: never)")
+    g.add_argument("--sample-prompt", dest="sample_prompts", action="append", help="a prompt of the grids (repeatable)")
+    g.add_argument("--sample-steps", type=int, help=default("sampler steps of grids and class images", "sample_steps"))
+    g.add_argument("--sample-guidance", type=float, help=default("CFG scale of grids and class images", "sample_guidance"))
+    g.add_argument("--stop-at", type=int, help="end this session after step N, checkpointed")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--device", help=default("auto, cpu, cuda", "device"))
+    g.add_argument("--diffusers", action="store_true", default=None, help="also write the result in diffusers' layout")
+    g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help=default("storage dtype of a fine-tuned model", "dtype"))
+    p.set_defaults(func=cmd_finetune)
+    return p
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from sdlab.train.finetune import FinetuneSettings, finetune, read_settings
+
+    given = {f.name: tuple(v) if isinstance(v, list) else v
+             for f in fields(FinetuneSettings) if (v := getattr(args, f.name, None)) is not None}
+    if args.resume:
+        stored = Path(args.out) / "finetune.json"
+        if not stored.exists():
+            raise SdlabError(f"{args.out}: nothing to resume (no finetune.json); start the run without --resume")
+        settings = replace(read_settings(stored), stop_at=None, **given)
+    else:
+        settings = FinetuneSettings(**given)
+    result = finetune(settings, resume=args.resume)
+    for path in result.outputs:
+        print(path)
+    if not result.finished and result.main:
+        print(f"stopped before the last step; continue with: sdlab finetune --out {args.out} --resume", file=sys.stderr)
+    return 0

@@ -167,7 +167,10 @@ class LatentDiffusion(nn.Module):
         time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=context.device).expand(len(context), -1)
         return context, added_condition(pooled, time_ids, self.cfg.unet)
 
-    def forward(self, x0: Tensor, ids: Sequence[Tensor], drop: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    def forward(
+        self, x0: Tensor, ids: Sequence[Tensor], drop: Tensor, t: Tensor, noise: Tensor, weights: Tensor | None = None
+    ) -> Tensor:
+        """The batch's mean loss; with `weights` (B,), the mean of each sample's loss times its weight."""
         context, y = self.condition(ids, drop)
         ac = self.alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * noise  # (B, C, h, w)
@@ -176,10 +179,12 @@ class LatentDiffusion(nn.Module):
         else:
             target = noise
         prediction = self.unet(x_t, t, context, y=y)  # (B, C, h, w)
-        if self.min_snr_gamma is None:
+        if self.min_snr_gamma is None and weights is None:
             return F.mse_loss(prediction.float(), target.float())
         per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
-        return (self.loss_weights(t) * per_sample).mean()
+        if self.min_snr_gamma is not None:
+            per_sample = self.loss_weights(t) * per_sample
+        return (per_sample if weights is None else weights.to(per_sample) * per_sample).mean()
 
     def loss_weights(self, t: Tensor) -> Tensor:
         """Min-SNR-γ weights (B,) of timesteps t (B,), at least `min_snr_floor`."""
@@ -241,6 +246,24 @@ def load_cache(path: Path, key: str) -> LatentCache | None:
     return LatentCache(key, state["moments"], tuple(state["ids"]))
 
 
+# --- one batch's loss --------------------------------------------------------------------------------
+def denoising_loss(
+    model: nn.Module, vae: AutoencoderKL, moments: Tensor, ids: Sequence[Tensor], cfg_dropout: float, cfg: ModelConfig,
+    generator: torch.Generator, device: torch.device, weights: Tensor | None = None,
+) -> Tensor:
+    """Draw the batch's latents, timesteps, noise and dropped captions from `generator`; `model`'s loss.
+
+    moments (B, 2C, h, w) posterior moments, ids (B, L) per text encoder, weights (B,) or None."""
+    x0 = vae.scale_latents(DiagonalGaussian(moments).sample(generator))  # (B, C, h, w)
+    b = len(x0)
+    t = torch.randint(0, cfg.schedule.num_train_timesteps, (b,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    drop = drop_captions(b, cfg_dropout, generator)
+    to = device
+    extra = {} if weights is None else {"weights": weights.to(to)}
+    return model(x0.to(to), [i.to(to) for i in ids], drop.to(to), t.to(to), noise.to(to), **extra)
+
+
 # --- the stage ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SampleSpec:
@@ -298,13 +321,7 @@ class DiffusionStage:
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, tuple[Tensor, ...]], generator: torch.Generator) -> Tensor:
         moments, ids = batch
-        x0 = self.vae.scale_latents(DiagonalGaussian(moments).sample(generator))  # (B, C, h, w)
-        b = len(x0)
-        t = torch.randint(0, self.module.cfg.schedule.num_train_timesteps, (b,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        drop = drop_captions(b, self.cfg_dropout, generator)
-        to = self.device
-        return model(x0.to(to), [i.to(to) for i in ids], drop.to(to), t.to(to), noise.to(to))
+        return denoising_loss(model, self.vae, moments, ids, self.cfg_dropout, self.module.cfg, generator, self.device)
 
     def sample(self, step: int, ema: EMA | None) -> None:
         if self.sample_spec.prompts:

@@ -49,12 +49,17 @@ def to_tensor(image: Image.Image) -> Tensor:
     return pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
 
 
-def decode_image(data: bytes | Path, size: int, name: str) -> Tensor:
+def open_image(data: bytes | Path, name: str) -> Image.Image:
+    """An image file's pixels in RGB, or a one-line SdlabError."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            return to_tensor(square(im, size))
+            return im.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:
         raise SdlabError(f"{name}: not a readable image ({e})") from None
+
+
+def decode_image(data: bytes | Path, size: int, name: str) -> Tensor:
+    return to_tensor(square(open_image(data, name), size))
 
 
 # --- a folder of images with same-name captions ----------------------------------------------------
@@ -80,6 +85,11 @@ class ImageFolder(Dataset):
     def __getitem__(self, i: int) -> Sample:
         path, caption = self.items[i]
         return decode_image(path, self.size, str(path)), caption
+
+    def read(self, i: int) -> tuple[Image.Image, str]:
+        """Sample i as it is stored: the RGB image at its own size, and its caption."""
+        path, caption = self.items[i]
+        return open_image(path, str(path)), caption
 
 
 # --- WebDataset-style tar shards -------------------------------------------------------------------
@@ -129,12 +139,19 @@ class TarShards(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> Sample:
-        member, caption = self.items[i]
+    def _bytes(self, member: TarMember) -> bytes:
         with open(member.shard, "rb") as f:
             f.seek(member.offset)
-            data = f.read(member.size)
-        return decode_image(data, self.size, f"{member.shard}:{member.name}"), caption
+            return f.read(member.size)
+
+    def __getitem__(self, i: int) -> Sample:
+        member, caption = self.items[i]
+        return decode_image(self._bytes(member), self.size, f"{member.shard}:{member.name}"), caption
+
+    def read(self, i: int) -> tuple[Image.Image, str]:
+        """Sample i as it is stored: the RGB image at its own size, and its caption."""
+        member, caption = self.items[i]
+        return open_image(self._bytes(member), f"{member.shard}:{member.name}"), caption
 
 
 # --- choosing a source -----------------------------------------------------------------------------
@@ -173,16 +190,20 @@ def open_source(spec: str | Sequence[str], size: int, limit: int | None = None) 
         raise SdlabError(f"limit must be at least 1, got {limit}")
     if spec == [SHAPES]:
         return shapes_dataset(size, limit)
+    dataset = open_pictures(spec, size)
+    return dataset if limit is None else Subset(dataset, range(min(limit, len(dataset))))
+
+
+def open_pictures(spec: Sequence[str], size: int) -> ImageFolder | TarShards:
+    """One folder, or .tar shards (paths or globs): images with captions, each readable as stored (`read`)."""
     paths = expand(spec)
     if len(paths) == 1 and paths[0].is_dir():
-        dataset: Dataset = ImageFolder(paths[0], size)
-    elif all(p.is_file() and p.suffix == ".tar" for p in paths):
-        dataset = TarShards(paths, size)
-    else:
-        raise SdlabError(
-            f"data must be 'shapes', one folder of images with .txt captions, or .tar shards; got {shorten(spec, 3)}"
-        )
-    return dataset if limit is None else Subset(dataset, range(min(limit, len(dataset))))
+        return ImageFolder(paths[0], size)
+    if all(p.is_file() and p.suffix == ".tar" for p in paths):
+        return TarShards(paths, size)
+    raise SdlabError(
+        f"data must be 'shapes', one folder of images with .txt captions, or .tar shards; got {shorten(spec, 3)}"
+    )
 
 
 def data_key(spec: str | Sequence[str], size: int, limit: int | None) -> str:
