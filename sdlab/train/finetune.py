@@ -230,9 +230,14 @@ def caption_ids(captions: list[str], comps: Components, extra: list[dict[str, tu
     return tuple(out)
 
 
+def bucket_multiple(comps: Components) -> int:
+    """Pixels a side must be a multiple of: latents that every U-Net level halves evenly (64 for SD)."""
+    return comps.config.vae.downscale * 2 ** (len(comps.config.unet.block_out_channels) - 1)
+
+
 def build_cache(examples: Examples, comps: Components, size: int, buckets: bool, extra, device: torch.device,
                 key: str) -> Cache:
-    multiple = comps.config.vae.downscale * 8  # latents a multiple of 8: every U-Net level halves evenly
+    multiple = bucket_multiple(comps)
     sizes = bucket_sizes(size, multiple) if buckets else [(size, size)]
     assigned = [nearest_bucket(*im.size, sizes) for im in examples.images]
     moments: list[Tensor | None] = [None] * len(examples.images)
@@ -371,8 +376,8 @@ def run(s: FinetuneSettings, resume: bool, d: Dist, device: torch.device) -> Fin
                       seed=s.seed)
     comps = base_model(s, device)
     size = s.size or comps.config.default_size
-    if size % (comps.config.vae.downscale * 8):
-        raise SdlabError(f"size {size} must be a multiple of {comps.config.vae.downscale * 8}")
+    if size % bucket_multiple(comps):
+        raise SdlabError(f"size {size} must be a multiple of {bucket_multiple(comps)}")
     examples = instance_examples(s, size)
     distributed.barrier(d)
     if d.main:
