@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from sdlab.errors import SdlabError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,22 @@ def close(d: Dist) -> None:
 def barrier(d: Dist) -> None:
     if d.active:
         dist.barrier()
+
+
+def main_first(d: Dist, work: Callable[[], T]) -> T | None:
+    """Run `work` on the main process while the others wait; its SdlabError (one line) is raised on every
+    rank, so no rank is left waiting for a main process that gave up. Returns the result on main."""
+    result, error = None, None
+    if d.main:
+        try:
+            result = work()
+        except SdlabError as e:
+            error = str(e)
+    if d.active:
+        error = gather_objects(d, error)[0]
+    if error is not None:
+        raise SdlabError(error)
+    return result
 
 
 def gather_objects(d: Dist, obj) -> list:

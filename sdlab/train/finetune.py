@@ -20,12 +20,15 @@ mean taken. Launched by torchrun / accelerate launch it runs data-parallel like 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from sdlab.checkpoints.embeddings import Embedding, write_embedding
@@ -44,7 +47,8 @@ from sdlab.train.buckets import BucketStream, bucket_sizes, fit_to_bucket, neare
 from sdlab.train.diffusion import ENCODE_BATCH, LatentDiffusion, SampleSpec, denoising_loss, freeze_unused, sample_grid
 from sdlab.train.distributed import Dist, tensors_hash
 from sdlab.train.loop import LoopConfig, atomic_torch_save, fit
-from sdlab.train.sources import open_pictures, to_tensor
+from sdlab.train.sources import data_key, expand, open_pictures, to_tensor
+from sdlab.train.streams import is_stream, stream_samples
 from sdlab.train.trainer import Log
 from sdlab.train.vae import encode_moments
 
@@ -164,51 +168,44 @@ def check_run(s: FinetuneSettings, files: Files, resume: bool) -> None:
         raise SdlabError(f"a resumed run keeps its settings, but these differ: {detail}; start a new --out to change them")
 
 
-# --- the examples: instance images (and DreamBooth's class images), bucketed -------------------------------
-@dataclass
-class Examples:
-    """Every training image as stored, its caption, and its loss weight."""
-
-    images: list  # PIL images
-    captions: list[str]
-    weights: list[float]
+# --- the examples: instance images (and DreamBooth's class images) ---------------------------------------
+Example = tuple[Image.Image, str, float]  # image as stored, caption, loss weight
 
 
-def instance_examples(s: FinetuneSettings, size: int) -> Examples:
-    pictures = open_pictures(list(s.data), size)
-    images, captions = [], []
-    for i in range(len(pictures)):
-        image, caption = pictures.read(i)
-        images.append(image)
-        captions.append(s.caption if s.caption is not None else caption)
-    if s.method == "textual-inversion" and not all(s.result_name in c for c in captions):
-        raise SdlabError(f"textual inversion learns the name {s.result_name!r}: every caption must contain it "
-                         "(pass --caption 'a photo of NAME' or write it into the .txt files)")
-    return Examples(images, captions, [1.0] * len(images))
+def instance_examples(s: FinetuneSettings) -> Iterator[Example]:
+    """The training images with their captions, read one at a time: local folders and shards, or shards
+    streamed from URLs / pipes (`sdlab.train.streams`)."""
+    if is_stream(s.data):
+        source: Iterator[tuple[Image.Image, str]] = stream_samples(s.data)
+    else:
+        pictures = open_pictures(list(s.data), 0)
+        source = (pictures.read(i) for i in range(len(pictures)))
+    for image, caption in source:
+        caption = s.caption if s.caption is not None else caption
+        if s.method == "textual-inversion" and s.result_name not in caption:
+            raise SdlabError(f"textual inversion learns the name {s.result_name!r}: every caption must contain it "
+                             f"({caption!r} does not; pass --caption 'a photo of NAME' or write it into the .txt files)")
+        yield image, caption, 1.0
 
 
-def class_examples(s: FinetuneSettings, comps: Components, files: Files, d: Dist, device: torch.device) -> Examples:
-    """DreamBooth's class images: made by the base model from the class prompt (seeds 0, 1, …) by the main
-    process, kept in OUT/class-images/ so a resumed run reuses them."""
+def make_class_images(s: FinetuneSettings, comps: Components, files: Files, device: torch.device) -> None:
+    """DreamBooth's class images, made by the base model from the class prompt (seeds 0, 1, …) and kept in
+    OUT/class-images/, so a resumed run reuses them."""
     folder = files.class_images
-    if d.main:
-        folder.mkdir(parents=True, exist_ok=True)
-        runner = Runner(comps, device, torch.float32)
-        for i in range(s.class_images):
-            path = folder / f"{i:05d}.png"
-            if path.exists():
-                continue
-            settings = Settings(s.class_prompt, steps=s.sample_steps, guidance=s.sample_guidance, seed=i)
+    folder.mkdir(parents=True, exist_ok=True)
+    runner = Runner(comps, device, torch.float32)
+    for i in range(s.class_images):
+        path = folder / f"{i:05d}.png"
+        if not path.exists():
+            settings = Settings(s.class_prompt or "", steps=s.sample_steps, guidance=s.sample_guidance, seed=i)
             ((_, image),) = list(runner.generate_images(settings.resolved(comps.config)))
             save_png(image, path, {})
-    distributed.barrier(d)
-    from PIL import Image
 
-    images = []
+
+def class_examples(s: FinetuneSettings, files: Files) -> Iterator[Example]:
     for i in range(s.class_images):
-        with Image.open(folder / f"{i:05d}.png") as im:
-            images.append(im.convert("RGB"))
-    return Examples(images, [s.class_prompt or ""] * len(images), [s.prior_weight] * len(images))
+        with Image.open(files.class_images / f"{i:05d}.png") as im:
+            yield im.convert("RGB"), s.class_prompt or "", s.prior_weight
 
 
 # --- the cache ----------------------------------------------------------------------------------------
@@ -219,6 +216,11 @@ class Cache:
     buckets: list[int]
     ids: tuple[Tensor, ...]  # (N, L) per text encoder
     weights: Tensor  # (N,)
+    captions: list[str]
+
+    def save(self, path: Path) -> None:
+        atomic_torch_save({"key": self.key, "moments": self.moments, "buckets": self.buckets, "ids": list(self.ids),
+                           "weights": self.weights, "captions": self.captions}, path)
 
 
 def caption_ids(captions: list[str], comps: Components, extra: list[dict[str, tuple[int, ...]]]) -> tuple[Tensor, ...]:
@@ -235,31 +237,45 @@ def bucket_multiple(comps: Components) -> int:
     return comps.config.vae.downscale * 2 ** (len(comps.config.unet.block_out_channels) - 1)
 
 
-def build_cache(examples: Examples, comps: Components, size: int, buckets: bool, extra, device: torch.device,
+def build_cache(examples: Iterable[Example], comps: Components, size: int, buckets: bool, extra, device: torch.device,
                 key: str) -> Cache:
-    multiple = bucket_multiple(comps)
-    sizes = bucket_sizes(size, multiple) if buckets else [(size, size)]
-    assigned = [nearest_bucket(*im.size, sizes) for im in examples.images]
-    moments: list[Tensor | None] = [None] * len(examples.images)
-    for b in sorted(set(assigned)):
-        members = [i for i, a in enumerate(assigned) if a == b]
-        for k in range(0, len(members), ENCODE_BATCH):
-            part = members[k : k + ENCODE_BATCH]
-            pixels = torch.stack([to_tensor(fit_to_bucket(examples.images[i], sizes[b])) for i in part])  # (n, 3, H, W)
-            for i, m in zip(part, encode_moments(comps.vae, iter([pixels]), device)):
+    """Encode every example (fp32) at its bucket's size, a batch of one bucket at a time, as they arrive."""
+    sizes = bucket_sizes(size, bucket_multiple(comps)) if buckets else [(size, size)]
+    moments: list[Tensor | None] = []
+    assigned, captions, weights = [], [], []
+    pending: dict[int, list[tuple[int, Tensor]]] = {}
+
+    def flush(b: int) -> None:
+        part = pending.pop(b, [])
+        if part:
+            pixels = torch.stack([x for _, x in part])  # (n, 3, H, W)
+            for (i, _), m in zip(part, encode_moments(comps.vae, iter([pixels]), device)):
                 moments[i] = m
-    ids = caption_ids(examples.captions, comps, extra)
-    return Cache(key, moments, assigned, ids, torch.tensor(examples.weights))  # type: ignore[arg-type]
+
+    for n, (image, caption, weight) in enumerate(examples):
+        b = nearest_bucket(*image.size, sizes)
+        assigned.append(b)
+        captions.append(caption)
+        weights.append(weight)
+        moments.append(None)
+        pending.setdefault(b, []).append((n, to_tensor(fit_to_bucket(image, sizes[b]))))
+        if len(pending[b]) == ENCODE_BATCH:
+            flush(b)
+    for b in list(pending):
+        flush(b)
+    if not captions:
+        raise SdlabError("the data holds no images")
+    ids = caption_ids(captions, comps, extra)
+    return Cache(key, moments, assigned, ids, torch.tensor(weights), captions)  # type: ignore[arg-type]
 
 
-def cache_key(s: FinetuneSettings, comps: Components, examples: Examples, size: int, extra) -> str:
-    digest = hashlib.sha256()
-    digest.update(tensors_hash(comps.vae.state_dict()).encode())
-    for image, caption, weight in zip(examples.images, examples.captions, examples.weights):
-        digest.update(image.tobytes())
-        digest.update(f"{image.size}|{caption}|{weight}".encode())
-    digest.update(json.dumps([size, s.buckets, [sorted(e.items()) for e in extra]]).encode())
-    return digest.hexdigest()
+def cache_key(s: FinetuneSettings, comps: Components, size: int, extra) -> str:
+    """What the cache depends on: the VAE, the data (local files by path, size and time; streams by URL),
+    the captions and class images asked for, the size, buckets and embedding ids."""
+    data = " ".join(s.data) if is_stream(s.data) else data_key(list(s.data), size, None)
+    parts = [tensors_hash(comps.vae.state_dict()), data, json.dumps([s.caption, s.class_prompt, s.class_images,
+             s.prior_weight, size, s.buckets, [sorted(e.items()) for e in extra]])]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def cached(files: Files, key: str) -> Cache | None:
@@ -271,7 +287,8 @@ def cached(files: Files, key: str) -> Cache | None:
         return None
     if state.get("key") != key:
         return None
-    return Cache(key, list(state["moments"]), list(state["buckets"]), tuple(state["ids"]), state["weights"])
+    return Cache(key, list(state["moments"]), list(state["buckets"]), tuple(state["ids"]), state["weights"],
+                 list(state["captions"]))
 
 
 # --- what is trained ------------------------------------------------------------------------------------
@@ -378,33 +395,35 @@ def run(s: FinetuneSettings, resume: bool, d: Dist, device: torch.device) -> Fin
     size = s.size or comps.config.default_size
     if size % bucket_multiple(comps):
         raise SdlabError(f"size {size} must be a multiple of {bucket_multiple(comps)}")
-    examples = instance_examples(s, size)
-    distributed.barrier(d)
+    if s.method == "textual-inversion" and s.caption is not None and s.result_name not in s.caption:
+        raise SdlabError(f"textual inversion learns the name {s.result_name!r}: the caption must contain it")
+    if not is_stream(s.data):
+        expand(list(s.data))  # missing files fail here, on every rank, before anything is written
+    distributed.barrier(d)  # every rank checked the run before the main one writes to it
     if d.main:
         files.root.mkdir(parents=True, exist_ok=True)
         files.settings.write_text(json.dumps(asdict(s), indent=2) + "\n")
     if s.class_images:
-        more = class_examples(s, comps, files, d, device)
-        examples = Examples(examples.images + more.images, examples.captions + more.captions,
-                            examples.weights + more.weights)
+        distributed.main_first(d, lambda: make_class_images(s, comps, files, device))
 
     model = LatentDiffusion(comps.config, comps.unet, comps.text_encoders, s.min_snr_gamma)
     module = trained_module(s, model, comps)
     if s.gradient_checkpointing:
         gradient_checkpointing(comps.unet)
     extra = [e.text_model.embeddings.extra_names for e in comps.text_encoders]
-    key = cache_key(s, comps, examples, size, extra)
-    cache = cached(files, key) if d.main else None
-    if d.main and cache is None:
-        cache = build_cache(examples, comps, size, s.buckets, extra, device, key)
-        atomic_torch_save({"key": key, "moments": cache.moments, "buckets": cache.buckets, "ids": list(cache.ids),
-                           "weights": cache.weights}, files.cache)
-    distributed.barrier(d)
-    cache = cache or cached(files, key)
+    key = cache_key(s, comps, size, extra)
+
+    def build() -> None:
+        if cached(files, key) is None:
+            examples = itertools.chain(instance_examples(s), class_examples(s, files))
+            build_cache(examples, comps, size, s.buckets, extra, device, key).save(files.cache)
+
+    distributed.main_first(d, build)
+    cache = cached(files, key)
     if cache is None:
         raise SdlabError(f"{files.cache}: the latent cache could not be read back")
 
-    spec = SampleSpec(s.sample_prompts or tuple(dict.fromkeys(examples.captions))[:4], steps=s.sample_steps,
+    spec = SampleSpec(s.sample_prompts or tuple(dict.fromkeys(cache.captions))[:4], steps=s.sample_steps,
                       guidance=s.sample_guidance)
     stage = FinetuneStage(s.method, module, comps, cache, BucketStream(cache.buckets, s.batch, s.seed, d.rank, d.world),
                           s.caption_dropout, device, files.samples, spec)
