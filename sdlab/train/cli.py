@@ -161,6 +161,9 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help=default("autocast dtype", "precision"))
     g.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute U-Net activations in the backward pass: less memory, a third slower")
+    g.add_argument("--fsdp", action="store_true", default=None,
+                   help="full fine-tuning under torchrun / accelerate: shard weights, gradients and optimizer state "
+                        "across the processes (FSDP2) instead of copying them (DDP)")
     g = p.add_argument_group("this session (may change on --resume)")
     g.add_argument("--save-every", type=int, help=default("checkpoint every N steps", "save_every"))
     g.add_argument("--sample-every", type=int, help="sample grids every N steps (default: never)")

@@ -32,11 +32,14 @@ from PIL import Image
 from torch import Tensor, nn
 
 from sdlab.checkpoints.embeddings import Embedding, write_embedding
-from sdlab.checkpoints.load import TEXT_COMPONENT_NAMES, Components, load
+from sdlab.checkpoints.formats import strip_prefix
+from sdlab.checkpoints.load import TEXT_COMPONENT_NAMES, Components, build, load
 from sdlab.checkpoints.lora import write_lora
 from sdlab.checkpoints.save import save_diffusers, save_single_file
 from sdlab.errors import SdlabError
+from sdlab.models.clip import CLIPTextModel
 from sdlab.models.layers import gradient_checkpointing
+from sdlab.models.unet import UNet
 from sdlab.pipelines.images import save_png
 from sdlab.pipelines.runner import Runner
 from sdlab.pipelines.settings import Settings
@@ -91,6 +94,7 @@ class FinetuneSettings:
     min_snr_gamma: float | None = None
     precision: str = "bf16"
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # full fine-tuning under several processes: shard weights, gradients, optimizer state
     seed: int = 0
     # this session
     save_every: int = 250
@@ -120,6 +124,8 @@ class FinetuneSettings:
             raise SdlabError("class images and prior weight must not be negative")
         if self.class_images and not self.class_prompt:
             raise SdlabError("class images (DreamBooth prior preservation) need a --class-prompt")
+        if self.fsdp and self.method != "full":
+            raise SdlabError("--fsdp shards full fine-tuning; LoRA and textual inversion train little enough for DDP")
         if self.method == "textual-inversion" and self.class_images:
             raise SdlabError("prior preservation is for LoRA and full fine-tuning, not textual inversion")
 
@@ -390,7 +396,7 @@ def run(s: FinetuneSettings, resume: bool, d: Dist, device: torch.device) -> Fin
     loop = LoopConfig(steps=s.steps, batch=s.batch, lr=s.lr, warmup=s.warmup, lr_schedule=s.lr_schedule,  # type: ignore[arg-type]
                       weight_decay=s.weight_decay, accumulate=s.accumulate, clip=s.clip or None, ema_decay=s.ema_decay,
                       precision=s.precision, save_every=s.save_every, sample_every=s.sample_every, stop_at=s.stop_at,  # type: ignore[arg-type]
-                      seed=s.seed)
+                      seed=s.seed, fsdp=s.fsdp)
     comps = base_model(s, device)
     size = s.size or comps.config.default_size
     if size % bucket_multiple(comps):
@@ -430,14 +436,30 @@ def run(s: FinetuneSettings, resume: bool, d: Dist, device: torch.device) -> Fin
     result = fit(stage, loop, d, device, files.state, resume, Log(files.log))
     if result.trainer.ema is not None:
         result.trainer.ema.copy_to(module)
+    if result.trainer.sharded:  # every rank joins the gathering; the main one writes from a whole copy
+        from sdlab.train.sharding import gathered
+
+        state = gathered(module.state_dict())
+        module = whole_copy(state, comps) if d.main else module
+    else:
+        state = module.state_dict()
     if d.active:
         files.ranks.mkdir(parents=True, exist_ok=True)
-        record = {"rank": d.rank, "world": d.world, "weights_sha256": distributed.state_hash(module),
-                  "first_batches": stage.batches_seen}
+        record = {"rank": d.rank, "world": d.world, "weights_sha256": tensors_hash(state),
+                  "sharded": result.trainer.sharded, "first_batches": stage.batches_seen}
         (files.ranks / f"rank-{d.rank}.json").write_text(json.dumps(record) + "\n")
     outputs = write_result(s, module, comps, files) if result.finished and d.main else []
     distributed.barrier(d)
     return FinetuneResult(outputs, result.finished, d.main, result.losses, module)
+
+
+def whole_copy(state: dict[str, Tensor], comps: Components) -> LatentDiffusion:
+    """An unsharded LatentDiffusion holding a gathered state dict (unet.…, text_encoders.N.…)."""
+    cfg = comps.config
+    unet = build(lambda: UNet(cfg.unet), strip_prefix(state, "unet."), "gathered U-Net")
+    encoders = [build(lambda: CLIPTextModel(spec.encoder), strip_prefix(state, f"text_encoders.{i}."), "gathered text encoder")
+                for i, spec in enumerate(cfg.text)]
+    return LatentDiffusion(cfg, unet, encoders)
 
 
 def write_result(s: FinetuneSettings, module: nn.Module, comps: Components, files: Files) -> list[Path]:

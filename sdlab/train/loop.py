@@ -58,6 +58,7 @@ class LoopConfig:
     sample_every: int = 0  # the stage's `sample` every N steps (main process); 0: never
     stop_at: int | None = None  # end this session after step N (a checkpoint is written), as if interrupted
     seed: int = 0
+    fsdp: bool = False  # with several processes: shard parameters, gradients and optimizer state (sharding.py)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "accumulate"):
@@ -180,14 +181,24 @@ class Trainer:
     ema: EMA | None
     generator: torch.Generator
     step: int = 0
+    sharded: bool = False  # the module is sharded (FSDP): its state is gathered to save and scattered to load
 
     def state(self, rngs: list[dict]) -> dict:
+        """What a checkpoint holds; every rank calls it (a sharded module's tensors are gathered)."""
+        if self.sharded:
+            from sdlab.train import sharding
+
+            module, optimizer = sharding.full_state(self.module, self.optimizer)
+            ema = None if self.ema is None else {**self.ema.state_dict(), "shadow": sharding.gathered(self.ema.shadow)}
+        else:
+            module, optimizer = self.module.state_dict(), self.optimizer.state_dict()
+            ema = None if self.ema is None else self.ema.state_dict()
         return {
             "stage": self.stage,
             "step": self.step,
-            "module": self.module.state_dict(),
-            "ema": None if self.ema is None else self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "module": module,
+            "ema": ema,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rngs,
@@ -201,10 +212,17 @@ class Trainer:
                 f"{source}: written by {len(state['rng'])} processes, resumed with {d.world}; an exact resume "
                 f"needs the same number (torchrun --nproc_per_node {len(state['rng'])})"
             )
-        self.module.load_state_dict(state["module"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from sdlab.train import sharding
+
+            sharding.load_full_state(self.module, self.optimizer, state["module"], state["optimizer"])
+            if self.ema is not None:
+                self.ema.load_state_dict({**state["ema"], "shadow": sharding.scattered(state["ema"]["shadow"], self.ema.shadow)})
+        else:
+            self.module.load_state_dict(state["module"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][d.rank], self.generator)
@@ -218,8 +236,9 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 def save_checkpoint(trainer: Trainer, path: Path, d: Dist) -> None:
     rngs = distributed.gather_objects(d, rng_state(trainer.generator))
+    state = trainer.state(rngs)  # on every rank: gathering shards is collective
     if d.main:
-        atomic_torch_save(trainer.state(rngs), path)
+        atomic_torch_save(state, path)
     distributed.barrier(d)
 
 
@@ -239,13 +258,18 @@ def autocast(device: torch.device, precision: Precision) -> AbstractContextManag
 
 def make_trainer(stage: Stage, cfg: LoopConfig, d: Dist, device: torch.device) -> Trainer:
     module = stage.module.to(device)
+    sharded = cfg.fsdp and d.active
+    if sharded:  # before the optimizer and the EMA see the parameters: they hold the shards
+        from sdlab.train import sharding
+
+        sharding.shard(module)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = LambdaLR(optimizer, WarmupSchedule(cfg.warmup, cfg.steps, cfg.lr_schedule))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     ema = EMA(module, cfg.ema_decay) if cfg.ema_decay else None
     generator = torch.Generator().manual_seed(generator_seed(cfg.seed, stage.name, d.rank))
-    return Trainer(stage.name, module, optimizer, scheduler, scaler, ema, generator)
+    return Trainer(stage.name, module, optimizer, scheduler, scaler, ema, generator, sharded=sharded)
 
 
 def train_step(
@@ -313,7 +337,7 @@ def fit(
     if resume and checkpoint.exists():
         t.load(load_checkpoint(checkpoint), d, checkpoint)
     model = t.module
-    if d.active:
+    if d.active and not t.sharded:
         model = DistributedDataParallel(t.module, device_ids=[device] if device.type == "cuda" else None)
     result = FitResult(t, cfg.steps)
     stop = min(cfg.steps, cfg.stop_at or cfg.steps)
