@@ -324,7 +324,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_pixels=args.max_size, max_steps=args.max_steps, max_batch=args.max_batch)
     cfg = ServerConfig(model=args.model, models_dir=args.models_dir, device=args.device or "cpu", dtype=args.dtype,
                        config=args.config, prediction_type=args.prediction_type, backend=args.backend,
-                       low_memory=args.low_memory, auth=args.auth, queue=args.queue, limits=limits)
+                       low_memory=args.low_memory, auth=args.auth, queue=args.queue, limits=limits,
+                       lora_dirs=tuple(args.lora_dir or ()), embeddings_dirs=tuple(args.embeddings_dir or ()))
     serve(cfg, host=args.host, port=args.port)
     return 0
 
@@ -385,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=150, metavar="N", help="most sampling steps (default 150)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N",
                    help="most images per request, batch × iterations (default 16)")
+    p.add_argument("--lora-dir", action="append", metavar="DIR",
+                   help="LoRA files that prompts name with <lora:name:weight> (repeatable; clients give names, not paths)")
+    p.add_argument("--embeddings-dir", action="append", metavar="DIR",
+                   help="textual-inversion embeddings that prompts use by name (repeatable)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="measure a model: `sdlab eval adherence`")

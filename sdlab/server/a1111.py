@@ -26,6 +26,7 @@ from sdlab.errors import SdlabError
 from sdlab.pipelines.images import read_png_text
 from sdlab.pipelines.masks import load_mask
 from sdlab.pipelines.metadata import PARAMETERS_KEY, parse_parameters
+from sdlab.pipelines.networks import NETWORK_SUFFIXES, find_files
 from sdlab.pipelines.settings import MAX_SEED, MAX_TOKEN_MERGING, Settings
 from sdlab.server.codec import FieldError, decode_base64, decode_image, encode_base64
 from sdlab.server.jobs import Job
@@ -362,6 +363,24 @@ def router(service: Service) -> APIRouter:
                 "filename": entry.filename, "config": None,
             })
         return out
+
+    @api.get("/loras")
+    def loras():  # a thread: it walks the LoRA folders
+        found = find_files(service.lora_dirs, NETWORK_SUFFIXES) if service.lora_dirs else {}
+        return [{"name": name, "alias": name, "path": str(path), "metadata": {}} for name, path in sorted(found.items())]
+
+    @api.post("/refresh-loras")
+    async def refresh_loras():
+        return None  # the folders are read on every listing and every tag
+
+    @api.get("/embeddings")
+    async def embeddings():
+        loaded = service.host.loaded
+        found = {} if loaded is None else loaded[1].embeddings
+        return {"loaded": {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                  "shape": e.vectors[0].shape[-1], "vectors": e.length}
+                           for name, (e, _) in sorted(found.items())},
+                "skipped": {}}
 
     @api.get("/options")
     def get_options():

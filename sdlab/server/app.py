@@ -50,15 +50,19 @@ class ServerConfig:
     keep_jobs: int = 100  # and at most this many finished jobs
     preview_interval: float = 1.0  # seconds between decoded previews of a running job
     max_body: int = MAX_BODY  # bytes of one request
+    lora_dirs: tuple[str, ...] = ()  # where prompts' <lora:name:w> tags find their files (names only, never paths)
+    embeddings_dirs: tuple[str, ...] = ()  # textual-inversion embeddings, used by name in prompts
 
 
 def make_service(cfg: ServerConfig) -> Service:
     def loader(source: str):
         return api.load(source, device=cfg.device, dtype=cfg.dtype, config=cfg.config,
-                        prediction_type=cfg.prediction_type, backend=cfg.backend, low_memory=cfg.low_memory)
+                        prediction_type=cfg.prediction_type, backend=cfg.backend, low_memory=cfg.low_memory,
+                        lora_dirs=cfg.lora_dirs, embeddings_dirs=cfg.embeddings_dirs)
 
     return Service(Catalog(cfg.models_dir, cfg.model), loader, cfg.limits, queue=cfg.queue,
-                   keep_seconds=cfg.keep_seconds, keep_jobs=cfg.keep_jobs, preview_interval=cfg.preview_interval)
+                   keep_seconds=cfg.keep_seconds, keep_jobs=cfg.keep_jobs, preview_interval=cfg.preview_interval,
+                   lora_dirs=cfg.lora_dirs)
 
 
 # --- credentials and request size: plain ASGI around everything, docs and the page included ----------

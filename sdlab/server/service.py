@@ -69,8 +69,10 @@ class Limits:
 
 class Service:
     def __init__(self, catalog: Catalog, loader: Callable[[str], Pipeline], limits: Limits = Limits(), *,
-                 queue: int = 8, keep_seconds: float = 600.0, keep_jobs: int = 100, preview_interval: float = 1.0):
+                 queue: int = 8, keep_seconds: float = 600.0, keep_jobs: int = 100, preview_interval: float = 1.0,
+                 lora_dirs: tuple[str, ...] = ()):
         self.catalog = catalog
+        self.lora_dirs = lora_dirs
         self.limits = limits
         self.host = ModelHost(catalog, loader)
         self.queue = JobQueue(self.host, queue, keep_seconds=keep_seconds, keep_jobs=keep_jobs,
