@@ -18,9 +18,9 @@ from sdlab.cli import main
 from sdlab.train.shapes import PALETTE
 
 RING_INNER = 0.55  # inner radius / outer radius of the training rings
-PROMPTS = ["a red zqx ring on a white background", "a green zqx ring on a black background",
-           "a blue zqx ring on a yellow background"]
-SEEDS = range(6)
+PROMPTS = ["a red zqx ring on a white background", "a purple zqx ring on a white background",
+           "a yellow zqx ring on a red background", "a green zqx ring on a black background"]  # the last: a new pairing
+SEEDS = range(4)
 HOLE = 0.08  # an object counts as a ring when enclosed background is at least this share of its filled area
 
 
@@ -47,11 +47,15 @@ def write_rings(folder: Path, count: int = 8) -> Path:
     return folder
 
 
+FRAME = 2  # the decoder's outermost pixels are often darker: the background is read just inside them
+
+
 def hole_share(image: Image.Image) -> float:
     """Background enclosed by the object (not reachable from the border) over the object's filled area."""
     rgb = as_rgb(image).astype(float) * 255
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    obj = np.abs(rgb - np.median(border, axis=0)).sum(-1) > 90  # (H, W)
+    inner = rgb[FRAME:-FRAME, FRAME:-FRAME]
+    band = np.concatenate([inner[0], inner[-1], inner[:, 0], inner[:, -1]])
+    obj = np.abs(inner - np.median(band, axis=0)).sum(-1) > 90  # (H - 2F, W - 2F)
     h, w = obj.shape
     outside = np.zeros_like(obj)
     queue = deque([(y, x) for y in range(h) for x in (0, w - 1)] + [(y, x) for x in range(w) for y in (0, h - 1)])
@@ -93,8 +97,9 @@ def test_the_lora_draws_the_new_shape(trained):
     pipe = sdlab.load()
     before = [hole_share(im) for im in _images(pipe, [])]
     after = [hole_share(im) for im in _images(pipe, [(kohya, 1.0)])]
+    print(f"rings: {sum(s > HOLE for s in after)}/{len(after)} with the LoRA, {sum(s > HOLE for s in before)} without")
     assert sum(s > HOLE for s in before) == 0, before  # the default model has never drawn a ring
-    assert sum(s > HOLE for s in after) >= 12, after  # with the LoRA, rings in most of 18 images
+    assert sum(s > HOLE for s in after) >= 12, after  # with the LoRA, rings in most of the 16 images
 
 
 @pytest.fixture(scope="module")
