@@ -82,19 +82,15 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    """The given options over TrainSettings' defaults, or over the run's own settings with --resume."""
-    given = {
-        f.name: tuple(v) if isinstance(v, list) else v
-        for f in fields(TrainSettings)
-        if (v := getattr(args, f.name, None)) is not None
-    }
+def settings_from_args(args: argparse.Namespace, cls=TrainSettings, stored_name: str = "train.json"):
+    """The given options over `cls`'s defaults, or over the run's own settings (OUT/stored_name) with --resume."""
+    given = {f.name: tuple(v) if isinstance(v, list) else v for f in fields(cls) if (v := getattr(args, f.name, None)) is not None}
     if not args.resume:
-        return TrainSettings(**given)
-    stored = Path(args.out) / "train.json"
+        return cls(**given)
+    stored = Path(args.out) / stored_name
     if not stored.exists():
-        raise SdlabError(f"{args.out}: nothing to resume (no train.json); start the run without --resume")
-    return replace(read_settings(stored), stop_at=None, **given)  # a stop is for one session
+        raise SdlabError(f"{args.out}: nothing to resume (no {stored_name}); start the run without --resume")
+    return replace(read_settings(stored, cls), stop_at=None, **given)  # a stop is for one session
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -180,18 +176,9 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from sdlab.train.finetune import FinetuneSettings, finetune, read_settings
+    from sdlab.train.finetune import FinetuneSettings, finetune
 
-    given = {f.name: tuple(v) if isinstance(v, list) else v
-             for f in fields(FinetuneSettings) if (v := getattr(args, f.name, None)) is not None}
-    if args.resume:
-        stored = Path(args.out) / "finetune.json"
-        if not stored.exists():
-            raise SdlabError(f"{args.out}: nothing to resume (no finetune.json); start the run without --resume")
-        settings = replace(read_settings(stored), stop_at=None, **given)
-    else:
-        settings = FinetuneSettings(**given)
-    result = finetune(settings, resume=args.resume)
+    result = finetune(settings_from_args(args, FinetuneSettings, "finetune.json"), resume=args.resume)
     for path in result.outputs:
         print(path)
     if not result.finished and result.main:

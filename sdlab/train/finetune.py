@@ -24,7 +24,7 @@ import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +50,7 @@ from sdlab.train.buckets import BucketStream, bucket_sizes, fit_to_bucket, neare
 from sdlab.train.diffusion import ENCODE_BATCH, LatentDiffusion, SampleSpec, denoising_loss, freeze_unused, sample_grid
 from sdlab.train.distributed import Dist, tensors_hash
 from sdlab.train.loop import LoopConfig, atomic_torch_save, fit
+from sdlab.train.settings import check_kept
 from sdlab.train.sources import data_key, expand, open_pictures, to_tensor
 from sdlab.train.streams import is_stream, stream_samples
 from sdlab.train.trainer import Log
@@ -138,15 +139,6 @@ SESSION_FIELDS = frozenset({"out", "save_every", "sample_every", "sample_prompts
                             "stop_at", "threads", "device", "diffusers", "dtype"})
 
 
-def read_settings(path: Path) -> FinetuneSettings:
-    try:
-        data = json.loads(path.read_text())
-        known = {f.name for f in fields(FinetuneSettings)}
-        return FinetuneSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
-    except (OSError, ValueError, TypeError) as e:
-        raise SdlabError(f"{path}: unreadable fine-tuning settings ({e})") from None
-
-
 @dataclass(frozen=True)
 class Files:
     root: Path
@@ -167,11 +159,7 @@ def check_run(s: FinetuneSettings, files: Files, resume: bool) -> None:
         return
     if not files.settings.exists():
         raise SdlabError(f"{files.root}: nothing to resume (no finetune.json); start the run without --resume")
-    before, now = asdict(read_settings(files.settings)), asdict(s)
-    changed = [k for k in before if k not in SESSION_FIELDS and before[k] != now[k]]
-    if changed:
-        detail = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed[:4])
-        raise SdlabError(f"a resumed run keeps its settings, but these differ: {detail}; start a new --out to change them")
+    check_kept(files.settings, s, SESSION_FIELDS)
 
 
 # --- the examples: instance images (and DreamBooth's class images) ---------------------------------------

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from typing import TypeVar
 from pathlib import Path
 
 from sdlab.errors import SdlabError
@@ -86,11 +87,24 @@ SESSION_FIELDS = frozenset(
 )
 
 
-def read_settings(path: Path) -> TrainSettings:
+S = TypeVar("S")
+
+
+def read_settings(path: Path, cls: type[S] = TrainSettings) -> S:  # type: ignore[assignment]
+    """A run's stored settings (train.json, finetune.json) as `cls`; lists become tuples, unknown keys are dropped."""
     try:
         data = json.loads(path.read_text())
-        known = {f.name for f in fields(TrainSettings)}
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
-        return TrainSettings(**data)
+        return cls(**data)
     except (OSError, ValueError, TypeError) as e:
         raise SdlabError(f"{path}: unreadable run settings ({e})") from None
+
+
+def check_kept(stored: Path, now, session_fields: frozenset[str]) -> None:
+    """A resumed run keeps the settings stored at `stored`, except `session_fields`; one line otherwise."""
+    before, after = asdict(read_settings(stored, type(now))), asdict(now)
+    changed = [k for k in before if k not in session_fields and before[k] != after[k]]
+    if changed:
+        detail = ", ".join(f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed[:4])
+        raise SdlabError(f"a resumed run keeps its settings, but these differ: {detail}; start a new --out to change them")

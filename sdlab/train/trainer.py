@@ -44,7 +44,7 @@ from sdlab.train.diffusion import (
 )
 from sdlab.train.distributed import Dist
 from sdlab.train.loop import LoopConfig, fit
-from sdlab.train.settings import SESSION_FIELDS, TrainSettings, read_settings
+from sdlab.train.settings import SESSION_FIELDS, TrainSettings, check_kept
 from sdlab.train.sources import SampleStream, data_key, open_source
 from sdlab.train.vae import VAELoss, VAEStage, latent_scale, load_vae, save_vae, set_scale
 
@@ -90,12 +90,7 @@ def check_run(s: TrainSettings, files: RunFiles, resume: bool) -> None:
         return
     if not files.settings.exists():
         raise SdlabError(f"{files.root}: nothing to resume (no train.json); start the run without --resume")
-    before = asdict(read_settings(files.settings))
-    now = asdict(s)
-    changed = [k for k in before if k not in SESSION_FIELDS and before[k] != now[k]]
-    if changed:
-        detail = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed[:4])
-        raise SdlabError(f"a resumed run keeps its settings, but these differ: {detail}; start a new --out to change them")
+    check_kept(files.settings, s, SESSION_FIELDS)
 
 
 def model_config(s: TrainSettings) -> ModelConfig:
