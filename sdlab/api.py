@@ -152,6 +152,11 @@ class Pipeline:
         self._controlnets: dict[str, tuple[ControlNet, ModelInfo]] = {}
         self.lora_dirs = tuple(lora_dirs)
         modules = {k: v for k, v in runner.components.modules().items() if k != "vae"}
+        if not isinstance(modules["unet"], UNet):  # OpenVINO's wrapper: LoRAs patch its module, run eagerly
+            if fuse_lora:
+                raise SdlabError("--fuse-lora changes the weights OpenVINO compiled; patch LoRAs in (the default) or "
+                                 "use --backend torch")
+            modules["unet"] = modules["unet"].module
         self.networks = Networks(modules, fuse=fuse_lora)
         self._loras: dict[str, tuple[Network, str]] = {}  # path -> (network, A1111 short hash)
         self.embeddings: dict[str, tuple[Embedding, str]] = {}  # name -> (embedding, short hash)
@@ -167,10 +172,7 @@ class Pipeline:
 
         key = str(path)
         if key not in self._loras:
-            comps = self.runner.components
             network = read_network(path, self.networks.modules, self.config.unet, device=self.runner.device)
-            if network.updates.get("unet") and not isinstance(comps.unet, UNet):
-                raise SdlabError(f"{path}: LoRA on the U-Net needs the torch backend (--backend torch)")
             if network.unmatched:
                 warnings.warn(f"{path}: {len(network.unmatched)} keys match no layer of this model and are not applied "
                               f"({shorten(network.unmatched, 3)})", SdlabWarning, stacklevel=2)

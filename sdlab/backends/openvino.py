@@ -14,7 +14,7 @@ so the converted model is cached on disk, keyed by a hash of the weights and the
 
 Each input shape is compiled once (static shapes run fastest on the CPU plugin). Calls the converted
 graph cannot express fall back to eager PyTorch: ControlNet residuals, seamless tiling (the circular
-padding is switched on the module's convolutions at run time) and token merging.
+padding is switched on the module's convolutions at run time), token merging and patched-in LoRAs.
 
 Given a `reload` function, a wrapper lets go of the module's weights once OpenVINO holds its own
 compiled copy (the module stays, on the meta device: its structure, config and dtype), and reads them
@@ -69,9 +69,11 @@ def weights_key(module: nn.Module, *parts: str) -> str:
 
 
 def _patched(module: nn.Module) -> bool:
-    """Switched at run time to something the converted graph does not have: circular padding, token merging."""
+    """Switched at run time to something the converted graph does not have: circular padding, token merging,
+    LoRA layers (forward hooks on Linear / Conv2d layers)."""
     return any(
         (isinstance(m, nn.Conv2d) and m.padding_mode == "circular") or getattr(m, "merge", None) is not None
+        or (isinstance(m, (nn.Linear, nn.Conv2d)) and bool(m._forward_hooks))
         for m in module.modules()
     )
 

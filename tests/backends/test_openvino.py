@@ -183,3 +183,27 @@ def test_bad_backend_choices_are_one_line_errors(kwargs, message):
     with pytest.raises(SdlabError, match=message) as err:
         sdlab.load(**kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_loras_run_eagerly_and_match_the_torch_backend(default_model_path, tmp_path):
+    import torch
+
+    import sdlab
+    from sdlab.checkpoints.lora import write_lora
+    from sdlab.errors import SdlabError
+    from sdlab.models.lora import LowRank
+
+    eager, ov_pipe = sdlab.load(default_model_path, backend="torch"), sdlab.load(default_model_path, backend="openvino")
+    g = torch.Generator().manual_seed(0)
+    layer = "input_blocks.1.1.transformer_blocks.0.attn2.to_v"
+    weight = eager.runner.components.unet.get_submodule(layer).weight
+    update = LowRank(2.0, torch.randn(4, weight.shape[1], generator=g) * 0.3, torch.randn(weight.shape[0], 4, generator=g) * 0.3)
+    path = write_lora(tmp_path / "x.safetensors", {"unet": {layer: update}}, eager.config.unet, sdxl=False)
+    prompt = "a red circle on a blue background"
+    a = eager.generate(prompt, seed=3, steps=8, lora=[(path, 1.0)])[0]
+    b = ov_pipe.generate(prompt, seed=3, steps=8, lora=[(path, 1.0)])[0]
+    plain = ov_pipe.generate(prompt, seed=3, steps=8)[0]
+    assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+    assert np.abs(np.asarray(b).astype(int) - np.asarray(plain).astype(int)).max() > 10
+    with pytest.raises(SdlabError, match="fuse-lora"):
+        sdlab.load(default_model_path, backend="openvino", fuse_lora=True)

@@ -141,11 +141,11 @@ def test_buckets_keep_aspect_ratios(tmp_path, default_model_path):
 
 
 def test_fsdp_full_finetune_follows_ddp_and_resumes_exactly(rings, tmp_path):
-    common = ["--method", "full", "--data", str(rings), "--steps", "3", "--batch", "2", "--lr", "1e-3",
+    common = ["--method", "full", "--data", str(rings), "--steps", "2", "--batch", "2", "--lr", "1e-3",
               "--train-text-encoder", "--ema-decay", "0.9"]
     _two_processes(*common, "--out", str(tmp_path / "ddp"))
     _two_processes(*common, "--out", str(tmp_path / "fsdp"), "--fsdp")
-    _two_processes(*common, "--out", str(tmp_path / "split"), "--fsdp", "--stop-at", "2")
+    _two_processes(*common, "--out", str(tmp_path / "split"), "--fsdp", "--stop-at", "1")
     _two_processes("--out", str(tmp_path / "split"), "--resume")
     ddp, fsdp = load_file(tmp_path / "ddp" / "ddp.safetensors"), load_file(tmp_path / "fsdp" / "fsdp.safetensors")
     split = load_file(tmp_path / "split" / "split.safetensors")
