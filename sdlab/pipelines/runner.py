@@ -13,7 +13,9 @@ again alone.
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -26,8 +28,9 @@ from torch import Tensor
 from sdlab.checkpoints.load import Components
 from sdlab.diffusion.denoiser import Denoiser, guided
 from sdlab.diffusion.samplers import Plan, Step, prepare
-from sdlab.errors import SdlabError
+from sdlab.errors import SdlabError, SdlabWarning
 from sdlab.checkpoints.preview import previewer_for
+from sdlab.models.layers import HALF_DTYPES
 from sdlab.models.tiling import circular_padding
 from sdlab.models.token_merging import token_merging
 from sdlab.models.unet import added_condition
@@ -99,6 +102,7 @@ class Runner:
         self.dtype = dtype
         self.previewer = previewer_for(self.config, components.vae, self.device)  # None: previews decode with the VAE
         self.onednn = onednn  # False: CPU convolutions skip oneDNN while sampling and decoding (small networks: api._runner)
+        self._vae32: torch.nn.Module | None = None  # made when a half-precision decode overflows
 
     @property
     def inpainting_model(self) -> bool:
@@ -271,13 +275,33 @@ class Runner:
 
     @torch.inference_mode()
     def decode(self, latents: Tensor, tiled: bool = False) -> list[Image.Image]:
+        """Latents -> images. Non-finite latents are refused; a half-precision VAE that overflows (the known
+        black-image failure) decodes again in fp32, with a warning; nothing non-finite becomes a picture."""
+        if not bool(torch.isfinite(latents).all()):
+            raise SdlabError("sampling produced NaN or infinite latents, so there is no image; in fp16 try "
+                             "--dtype bf16 or fp32, or a lower guidance")
         vae = self.components.vae
         dtype = next(vae.parameters()).dtype  # fp32 when an fp16 pipeline upcasts the VAE
+        image = self._decode(vae, latents, dtype, tiled)  # (B, 3, H, W)
+        if not bool(torch.isfinite(image).all()) and dtype in HALF_DTYPES:
+            warnings.warn(f"the VAE overflowed in {str(dtype).removeprefix('torch.')}; decoded again in fp32",
+                          SdlabWarning, stacklevel=2)
+            image = self._decode(self._fp32_vae(), latents, torch.float32, tiled)
+        if not bool(torch.isfinite(image).all()):
+            raise SdlabError("the VAE decoded NaN or infinite values, so there is no image (are its weights damaged?)")
+        return to_pil(image)
+
+    def _decode(self, vae: torch.nn.Module, latents: Tensor, dtype: torch.dtype, tiled: bool) -> Tensor:
         z = vae.unscale_latents(latents).to(dtype)
         # tiled: the module itself (an OpenVINO-wrapped VAE keeps it as .eager_module), its GroupNorms patched
         with onednn(self.onednn):  # as while sampling: a frame decoded then matches the image decoded now
-            image = decode_tiled(getattr(vae, "eager_module", vae), z) if tiled else vae.decode(z)  # (1, 3, H, W)
-        return to_pil(image)
+            return decode_tiled(getattr(vae, "eager_module", vae), z) if tiled else vae.decode(z)  # (B, 3, H, W)
+
+    def _fp32_vae(self) -> torch.nn.Module:
+        """An fp32 copy of the VAE, made the first time a half-precision decode overflows."""
+        if self._vae32 is None:
+            self._vae32 = copy.deepcopy(getattr(self.components.vae, "eager_module", self.components.vae)).float()
+        return self._vae32
 
     @torch.inference_mode()
     def preview(self, latents: Tensor) -> list[Image.Image]:
