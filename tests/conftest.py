@@ -17,3 +17,13 @@ def default_model_path() -> Path:
         return default_model()
     except SdlabError:
         pytest.skip("this install has no default model")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many hostile files and fuzz cases the loaders were given (tests/hostile.py counts them)."""
+    from tests.hostile import TRIED
+
+    if TRIED:
+        terminalreporter.write_sep("-", "hostile inputs tried")
+        for kind, n in sorted(TRIED.items()):
+            terminalreporter.write_line(f"{kind}: {n}")

@@ -12,7 +12,6 @@ tokens stand (prompts.py). The pickled kinds are read with PyTorch's weights-onl
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,19 +40,6 @@ class Embedding:
         return self.vectors[0].shape[0]
 
 
-def _read_object(path: Path) -> object:
-    """A pickled embedding file as its object, through the weights-only unpickler."""
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused — this pickle needs more than tensors to load ({str(e).splitlines()[0][:120]}); "
-            "sdlab reads pickles only with PyTorch's weights-only unpickler"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt embedding ({str(e).splitlines()[0][:120]})") from None
-
-
 def _blocks(obj: object, path: Path) -> dict[str, Tensor]:
     """The file's tensors by name, whatever its layout."""
     if not isinstance(obj, Mapping):
@@ -78,7 +64,7 @@ def read_embedding(path: str | os.PathLike, dims: Sequence[int]) -> Embedding:
     if path.suffix in formats.SAFETENSORS_SUFFIXES:
         blocks, _ = formats.read_weights(path, dtype=torch.float32)
     elif path.suffix in formats.PICKLE_SUFFIXES:
-        blocks = _read_object(path)
+        blocks = formats.read_pickle_object(path)
     else:
         raise CheckpointError(f"{path}: unknown embedding format {path.suffix!r}; expected .safetensors, .pt or .bin")
     blocks = _blocks(blocks, path)

@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,25 +70,34 @@ def _read_safetensors(path: Path, keep: KeyFilter, dtype, device) -> tuple[dict[
         raise CheckpointError(f"{path}: unreadable ({_first_line(e)})") from None
 
 
-def _read_pickle(path: Path, keep: KeyFilter, dtype, device) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights-only unpickling; returns (tensors, other top-level entries such as global_step)."""
+def read_pickle_object(path: Path) -> object:
+    """A pickled file's object through PyTorch's weights-only unpickler: tensors, containers, numbers and
+    strings only. A pickle that asks for anything else (a GLOBAL such as os.system) is refused, naming it;
+    a damaged one is one line too."""
     try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (pre-zip) format cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on odd protocols: the verdict below is what counts
+            warnings.simplefilter("ignore")
+            try:
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (pre-zip) format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = str(e).split("\n")
         culprit = next((line.strip() for line in detail if "GLOBAL" in line or "Unsupported" in line), "")
         raise CheckpointError(
             f"{path}: refused — this pickle needs more than tensors to load ({culprit or 'unsafe object'}); "
-            "sdlab reads .ckpt files only with PyTorch's weights-only unpickler. Convert it to .safetensors "
+            "sdlab reads pickles only with PyTorch's weights-only unpickler. Convert it to .safetensors "
             "with a tool you trust."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 — any other failure to parse is a damaged file, said in one line
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+
+
+def _read_pickle(path: Path, keep: KeyFilter, dtype, device) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights-only unpickling; returns (tensors, other top-level entries such as global_step)."""
+    obj = read_pickle_object(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     state = obj.get("state_dict", obj)
