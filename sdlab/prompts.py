@@ -128,6 +128,9 @@ class _Parse:
         for piece in self.pieces[stack.pop() :]:
             if not isinstance(piece, Break):
                 piece[1] *= multiplier
+                if not math.isfinite(piece[1]):
+                    raise SdlabError(f"the emphasis of {piece[0][:30]!r} overflows (too many brackets or too large "
+                                     "a weight); use (text:1.5) with a moderate number")
 
     def token(self, m: re.Match) -> None:
         if m["escape"] is not None:

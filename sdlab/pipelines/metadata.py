@@ -40,7 +40,11 @@ def format_parameters(prompt: str, negative: str, pairs: Mapping[str, object]) -
 def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
     """(prompt, negative, {key: value}) from an A1111 infotext; values stay strings."""
     lines = text.strip("\n").split("\n")
-    settings_line = lines[-1] if len(lines) > 1 and _PAIR.match(lines[-1]) and "Steps: " in lines[-1] else ""
+    last = lines[-1]
+    # A1111's rule: the last line holds the settings when it has at least 3 pairs (so an empty prompt's text,
+    # which is the settings line alone, still parses); a "Steps: " line after a prompt does too
+    is_settings = bool(_PAIR.match(last)) and (len(_PAIR.findall(last)) >= 3 or (len(lines) > 1 and "Steps: " in last))
+    settings_line = last if is_settings else ""
     body = lines[:-1] if settings_line else lines
     prompt_lines, negative_lines, in_negative = [], [], False
     for line in body:
@@ -51,5 +55,14 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
     pairs = {}
     for key, value in _PAIR.findall(settings_line):
         value = value.strip()
-        pairs[key.strip()] = json.loads(value) if value.startswith('"') else value
+        pairs[key.strip()] = _unquote(value) if value.startswith('"') else value
     return "\n".join(prompt_lines), "\n".join(negative_lines), pairs
+
+
+def _unquote(value: str) -> str:
+    """A JSON-quoted value; one another program quoted badly stays as written."""
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        return value
+    return decoded if isinstance(decoded, str) else value
