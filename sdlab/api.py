@@ -39,6 +39,7 @@ from sdlab.models.unet import UNet
 from sdlab.pipelines.edit import ControlInput, make_images
 from sdlab.pipelines.images import load_image, read_png_text, save_png
 from sdlab.pipelines.masks import extend_canvas
+from sdlab.pipelines.memory import activation_bytes, fits, free_bytes, too_big_message
 from sdlab.pipelines.metadata import PARAMETERS_KEY, RECORD_KEY, format_parameters
 from sdlab.pipelines.runner import PreviewCallback, Runner
 from sdlab.pipelines.networks import NETWORK_SUFFIXES, Networks, Use, find_files, install_embeddings, resolve_name
@@ -268,6 +269,7 @@ class Pipeline:
         refiner = None if self.refiner is None else self.refiner[0]
         if self.decodes_in_tiles(settings):
             settings = replace(settings, vae_tiling=True)
+        self.check_memory(settings)
         self.networks.use([use for use, _, _ in self.lora_uses(settings)])
         unets = [r.components.unet for r in (self.runner, refiner) if r is not None]
         with ExitStack() as stack:
@@ -281,6 +283,16 @@ class Pipeline:
             result.info.update(self.metadata(one, masked=mask is not None))
             images.append(result)
         return images
+
+    def check_memory(self, settings: Settings) -> None:
+        """Refuse, before any work, settings whose image would not fit the device's free memory (an estimate:
+        sdlab.pipelines.memory)."""
+        vae = self.runner.components.vae
+        vae_dtype = next(vae.parameters()).dtype if any(True for _ in vae.parameters()) else self.runner.dtype
+        needed = activation_bytes(self.config, settings, self.runner.dtype, vae_dtype, settings.vae_tiling)
+        free = free_bytes(self.runner.device)
+        if not fits(needed, free):
+            raise SdlabError(too_big_message(settings, needed, free, settings.vae_tiling))  # type: ignore[arg-type]
 
     def _controlnet(self, source: str) -> ControlNet:
         """A ControlNet loaded once per pipeline, checked against the model it steers."""

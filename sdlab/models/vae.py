@@ -63,9 +63,11 @@ class AttnBlock(nn.Module):
 
 
 def to_tokens(x: Tensor) -> Tensor:
-    """(B, C, H, W) -> (B, 1, H*W, C): one attention head over the H*W positions."""
+    """(B, C, H, W) -> (B, 1, H*W, C): one attention head over the H*W positions. Contiguous: given the
+    transposed view, PyTorch's CPU attention takes its math path and holds all (H*W)² scores (2.3 GB at
+    128² latents), where its flash kernel holds a few MB."""
     B, C, H, W = x.shape
-    return x.reshape(B, 1, C, H * W).transpose(-1, -2)
+    return x.reshape(B, 1, C, H * W).transpose(-1, -2).contiguous()
 
 
 class Downsample(nn.Module):
