@@ -257,6 +257,11 @@ class Runner:
         total = total or steps_before + len(plan.timesteps)
 
         def callback(step: Step) -> None:
+            if not bool(torch.isfinite(step.denoised).all()):  # stop here: no later step can mend it
+                raise SdlabError(
+                    f"the U-Net's prediction became NaN or infinite at step {steps_before + step.i + 1} of {total}; "
+                    "in fp16 try --dtype bf16 or fp32, or a lower guidance"
+                )
             if on_step is not None:
                 on_step(steps_before + step.i + 1, total)
             if on_preview is not None:

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from sdlab.checkpoints import formats
 from sdlab.cli import main
-from sdlab.errors import CheckpointError
+from sdlab.errors import CheckpointError, SdlabError
 
 
 class RunsCode:
@@ -120,6 +120,6 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(formats, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(SdlabError, match="could not be written \\(disk full\\); nothing was saved"):
         formats.write_safetensors(target, {"a": torch.ones(1)}, {})
     assert not target.exists() and os.listdir(tmp_path) == []

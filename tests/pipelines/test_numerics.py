@@ -67,3 +67,20 @@ def test_a_vae_that_yields_nan_in_every_precision_saves_nothing(folder, tmp_path
     out = tmp_path / "out.png"
     assert main(["generate", "a red circle", "--model", str(pipe_folder), "--steps", "2", "--out", str(out)]) == 1
     assert not out.exists()
+
+
+def test_a_unet_that_turns_nan_stops_the_run_at_that_step(folder, monkeypatch):
+    pipe = sdlab.load(folder)
+    unet = pipe.runner.components.unet
+    real = type(unet).forward
+    calls = []
+
+    def poisoned(self, x, *args, **kwargs):
+        calls.append(1)
+        out = real(self, x, *args, **kwargs)
+        return out * float("nan") if len(calls) >= 3 else out
+
+    monkeypatch.setattr(type(unet), "forward", poisoned)
+    with pytest.raises(SdlabError, match=r"NaN or infinite at step 3 of 6"):
+        pipe.generate("a red circle", steps=6, sampler="euler", schedule="default", seed=1, guidance=1.0)
+    assert len(calls) == 3  # stopped there, not after the last step

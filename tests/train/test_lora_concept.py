@@ -20,7 +20,7 @@ from sdlab.train.shapes import PALETTE
 RING_INNER = 0.55  # inner radius / outer radius of the training rings
 PROMPTS = ["a red zqx ring on a white background", "a purple zqx ring on a white background",
            "a yellow zqx ring on a red background", "a green zqx ring on a black background"]  # the last: a new pairing
-SEEDS = range(4)
+SEEDS = range(3)
 HOLE = 0.08  # an object counts as a ring when enclosed background is at least this share of its filled area
 
 
@@ -99,7 +99,7 @@ def test_the_lora_draws_the_new_shape(trained):
     after = [hole_share(im) for im in _images(pipe, [(kohya, 1.0)])]
     print(f"rings: {sum(s > HOLE for s in after)}/{len(after)} with the LoRA, {sum(s > HOLE for s in before)} without")
     assert sum(s > HOLE for s in before) == 0, before  # the default model has never drawn a ring
-    assert sum(s > HOLE for s in after) >= 12, after  # with the LoRA, rings in most of the 16 images
+    assert sum(s > HOLE for s in after) >= 9, after  # with the LoRA, rings in most of the 12 images
 
 
 @pytest.fixture(scope="module")
