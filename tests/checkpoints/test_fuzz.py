@@ -1,12 +1,14 @@
 """Bounded fuzzing of the weight-file readers: mutated safetensors files, random headers and mutated
 PyTorch archives either load or are refused with one CheckpointError line — never another exception,
-a hang (a deadline per case) or a large allocation (files are kilobytes; no case may take much memory)."""
+a hang (an alarm after 10 s, and hypothesis's 2 s deadline) or a large allocation (files are kilobytes;
+no case may grow the process by 256 MB)."""
 
 from __future__ import annotations
 
 import io
 import json
 import resource
+import signal
 import struct
 import tempfile
 from pathlib import Path
@@ -46,14 +48,27 @@ def _mutated(seed: bytes, data: st.DataObject) -> bytes:
     return bytes(out)
 
 
+class Hung(BaseException):
+    """Raised by the alarm: a BaseException, so no reader's `except Exception` can swallow it."""
+
+
+def _on_alarm(signum, frame):
+    raise Hung("a reader took more than 10 s on a file of a few kilobytes")
+
+
 def _read(data: bytes, suffix: str, reader=formats.read_weights) -> None:
     path = FOLDER / f"case{suffix}"
     path.write_bytes(data)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(10)  # a hang fails the case instead of stalling the run
     try:
         reader(path)
     except CheckpointError as e:
         assert "\n" not in str(e)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 256, f"a {len(data)}-byte file made the process grow by {grown_mb:.0f} MB"
 
