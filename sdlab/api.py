@@ -27,11 +27,11 @@ from PIL import Image
 
 from sdlab import __version__
 from sdlab.checkpoints import formats
+from sdlab.checkpoints.embeddings import Embedding
 from sdlab.checkpoints.load import component_weights_file, load as load_components
+from sdlab.checkpoints.lora import Network
 from sdlab.diffusion.samplers import display_name
 from sdlab.errors import SdlabError, SdlabWarning, shorten
-from sdlab.checkpoints.embeddings import Embedding
-from sdlab.checkpoints.lora import Network
 from sdlab.models.controlnet import ControlNet
 from sdlab.models.layers import attention_slicing
 from sdlab.models.offload import sequential_offload
@@ -287,8 +287,8 @@ class Pipeline:
     def check_memory(self, settings: Settings) -> None:
         """Refuse, before any work, settings whose image would not fit the device's free memory (an estimate:
         sdlab.pipelines.memory)."""
-        vae = self.runner.components.vae
-        vae_dtype = next(vae.parameters()).dtype if any(True for _ in vae.parameters()) else self.runner.dtype
+        weight = next(self.runner.components.vae.parameters(), None)
+        vae_dtype = self.runner.dtype if weight is None else weight.dtype
         needed = activation_bytes(self.config, settings, self.runner.dtype, vae_dtype, settings.vae_tiling)
         free = free_bytes(self.runner.device)
         if not fits(needed, free):
@@ -309,6 +309,7 @@ class Pipeline:
         return self._controlnets[source][0]
 
     def metadata(self, s: Settings, masked: bool = False) -> dict[str, str]:
+        loras, embeddings = self.lora_uses(s), self._used_embeddings(s)
         pairs = {
             "Steps": s.steps,
             "Sampler": display_name(s.sampler),
@@ -331,8 +332,8 @@ class Pipeline:
             "CFG rescale": f"{s.guidance_rescale:g}" if s.guidance_rescale else None,
             "Eta": s.eta,
             **{f"ControlNet {i}": self._control_text(c) for i, c in enumerate(s.control)},
-            "Lora hashes": ", ".join(f"{name}: {h}" for _, name, h in self.lora_uses(s)) or None,
-            "TI hashes": ", ".join(f"{n}: {self.embeddings[n][1]}" for n in self._used_embeddings(s)) or None,
+            "Lora hashes": ", ".join(f"{name}: {h}" for _, name, h in loras) or None,
+            "TI hashes": ", ".join(f"{n}: {self.embeddings[n][1]}" for n in embeddings) or None,
             "Refiner": None if self.refiner is None else f"{self.refiner[1].name} [{self.refiner[1].short_hash}]",
             "Refiner switch at": None if self.refiner is None else s.refiner_switch,
             "Version": f"sdlab {__version__}",
@@ -343,9 +344,9 @@ class Pipeline:
             "refiner": None if self.refiner is None else _identity(self.refiner[1]),
             "controlnets": [_identity(self._controlnets[c.model][1]) for c in s.control if c.model in self._controlnets],
             "loras": [{"path": u.network.source, "name": name, "hash": h, "te": u.te_weight, "unet": u.unet_weight}
-                      for u, name, h in self.lora_uses(s)],
+                      for u, name, h in loras],
             "embeddings": [{"name": n, "path": self.embeddings[n][0].source, "hash": self.embeddings[n][1]}
-                           for n in self._used_embeddings(s)],
+                           for n in embeddings],
             "dtype": formats.dtype_name(self.runner.dtype),
             "device": str(self.runner.device),
             "sdlab": __version__,

@@ -92,14 +92,6 @@ def read_embedding(path: str | os.PathLike, dims: Sequence[int]) -> Embedding:
     return Embedding(path.stem, vectors, str(path))
 
 
-def find_embeddings(folder: str | os.PathLike) -> dict[str, Path]:
-    """Every embedding file under `folder` (recursively), by name (its stem)."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: no such folder")
-    return {p.stem: p for p in sorted(root.rglob("*")) if p.suffix in EMBEDDING_SUFFIXES and p.is_file()}
-
-
 def write_embedding(path: str | os.PathLike, embedding: Embedding, layout: str = "a1111") -> Path:
     """Write `embedding`: "a1111" (emb_params, or clip_l/clip_g for two encoders) or "diffusers"
     ({"<name>": vectors}, one encoder only) as .safetensors."""
@@ -113,6 +105,5 @@ def write_embedding(path: str | os.PathLike, embedding: Embedding, layout: str =
         tensors = dict(zip(SDXL_KEYS, vectors)) if len(vectors) == 2 else {A1111_SAFETENSORS_KEY: vectors[0]}
     else:
         raise CheckpointError(f"unknown embedding layout {layout!r}; use a1111 or diffusers")
-    path.parent.mkdir(parents=True, exist_ok=True)
     formats.write_safetensors(path, tensors, {"name": embedding.name})
     return path

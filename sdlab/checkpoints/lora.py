@@ -21,6 +21,7 @@ does not fit its layer is refused with one line.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping
@@ -149,11 +150,13 @@ def make_update(leaves: Mapping[str, Tensor], what: str, scale: float | None = N
     """The update a layer's leaves describe, and the leaves it used. `scale` (from metadata) applies when
     the leaves carry no alpha."""
     alpha = leaves.get("alpha")
+    if alpha is not None and alpha.numel() != 1:
+        raise CheckpointError(f"{what}: its alpha holds {alpha.numel()} values, not one")
     if "dora_scale" in leaves:
         raise CheckpointError(f"{what}: a DoRA update (dora_scale / lora_magnitude_vector); sdlab does not apply DoRA")
     if "lora_down.weight" in leaves and "lora_up.weight" in leaves:
         down, up, mid = leaves["lora_down.weight"], leaves["lora_up.weight"], leaves.get("lora_mid.weight")
-        if up.shape[1] != down.shape[0]:
+        if up.dim() < 2 or down.dim() < 2 or up.shape[1] != down.shape[0]:
             raise CheckpointError(f"{what}: lora_up {tuple(up.shape)} does not follow lora_down {tuple(down.shape)}")
         used = {"lora_down.weight", "lora_up.weight", "alpha", "lora_mid.weight"}
         return LowRank(_scale(alpha, down.shape[0], scale), down, up, mid), used
@@ -186,6 +189,8 @@ def _metadata_scales(extras: Mapping[str, str], source: str) -> dict[str, dict]:
         flat = json.loads(raw)
     except ValueError:
         raise CheckpointError(f"{source}: unreadable '{METADATA_KEY}' metadata (not JSON)") from None
+    if not isinstance(flat, dict):
+        raise CheckpointError(f"{source}: its '{METADATA_KEY}' metadata is not a JSON object")
     per: dict[str, dict] = defaultdict(dict)
     for key, value in flat.items():
         component, _, name = key.partition(".")
@@ -194,9 +199,14 @@ def _metadata_scales(extras: Mapping[str, str], source: str) -> dict[str, dict]:
 
 
 def _pattern_value(pattern: Mapping[str, float], path: str) -> float | None:
-    """PEFT's rank/alpha patterns: a key matches a module path that ends with it."""
+    """PEFT's rank/alpha patterns: a key (a regular expression, or a name when it is not one) matches a
+    module path that ends with it."""
     for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", path):
+        try:
+            hit = re.fullmatch(rf"(.*\.)?{key}", path) is not None
+        except re.error:
+            hit = path == key or path.endswith("." + key)
+        if hit:
             return value
     return None
 
@@ -208,6 +218,8 @@ def _metadata_scale(config: Mapping | None, path: str) -> float | None:
         raise CheckpointError("a DoRA adapter (use_dora in its metadata); sdlab does not apply DoRA")
     rank = _pattern_value(config.get("rank_pattern") or {}, path) or config["r"]
     alpha = _pattern_value(config.get("alpha_pattern") or {}, path) or config["lora_alpha"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (rank, alpha)) or rank <= 0:
+        raise CheckpointError(f"a LoRA rank {rank!r} and alpha {alpha!r} in its metadata: not positive numbers")
     return alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
 
 
@@ -341,6 +353,5 @@ def write_lora(path: str | Path, updates: Mapping[str, Mapping[str, Update]], un
         header["format"] = "pt"
     else:
         raise CheckpointError(f"unknown LoRA layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    formats.write_safetensors(path, {k: v.float().cpu().contiguous() for k, v in state.items()}, header)
+    formats.write_safetensors(path, {k: v.float().cpu() for k, v in state.items()}, header)
     return path

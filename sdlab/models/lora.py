@@ -50,25 +50,19 @@ class Update:
     """One layer's update: `delta(shape)` forms ΔW; `branch` applies it to the layer's input."""
 
     scale: float
+    _delta: Tensor | None = field(default=None, init=False, repr=False, compare=False)  # `branch`'s ΔW
 
     def delta(self, shape: torch.Size) -> Tensor:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
     def branch(self, layer: Layer, x: Tensor) -> Tensor:
-        """ΔW applied to x as the layer applies W (no bias): what the update adds to the layer's output."""
-        delta = self.delta(layer.weight.shape).to(x.dtype)
+        """ΔW applied to x as the layer applies W (no bias): what the update adds to the layer's output.
+        ΔW is formed once per dtype, not on every call."""
+        if self._delta is None or self._delta.dtype != x.dtype:
+            self._delta = self.delta(layer.weight.shape).to(x.device, x.dtype)
         if isinstance(layer, nn.Conv2d):
-            return layer._conv_forward(x, delta, None)  # the layer's stride, padding (mode) and dilation
-        return F.linear(x, delta)
-
-    def tensors(self) -> list[Tensor]:
-        return [v for v in vars(self).values() if isinstance(v, Tensor)]
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> Update:
-        for name, value in vars(self).items():
-            if isinstance(value, Tensor):
-                setattr(self, name, value.to(device, dtype))
-        return self
+            return layer._conv_forward(x, self._delta, None)  # the layer's stride, padding (mode) and dilation
+        return F.linear(x, self._delta)
 
 
 @dataclass
@@ -172,16 +166,6 @@ def layer(root: nn.Module, name: str) -> Layer:
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise TypeError(f"{name} is a {type(module).__name__}; updates apply to Linear and Conv2d layers")
     return module
-
-
-def check(root: nn.Module, updates: Targets) -> None:
-    """Every update names a Linear/Conv2d layer of `root` and fits its weight; a ValueError otherwise."""
-    for name, update in updates.items():
-        try:
-            weight = layer(root, name).weight
-        except (AttributeError, TypeError) as e:
-            raise ValueError(f"{name}: {e}") from None
-        update.delta(weight.shape)  # raises on a size that cannot fit
 
 
 def _hook(update: Update, weight: float) -> Callable[[nn.Module, tuple, Tensor], Tensor]:

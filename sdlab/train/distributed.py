@@ -73,6 +73,25 @@ def close(d: Dist) -> None:
         dist.destroy_process_group()
 
 
+def launched(device_name: str, threads: int | None, work: Callable[[Dist, torch.device], T]) -> T:
+    """Run `work(dist, device)` in this process's place of the launch (one process without a launcher):
+    the process group joined, CPU threads set (`threads`, else the cores shared among local ranks), and
+    both undone afterwards."""
+    d = from_environment()
+    device = choose_device(device_name, d)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    elif d.local_world > 1 and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world))  # the cores, shared among ranks
+    init(d, device)
+    try:
+        return work(d, device)
+    finally:
+        close(d)
+        torch.set_num_threads(before)
+
+
 def barrier(d: Dist) -> None:
     if d.active:
         dist.barrier()

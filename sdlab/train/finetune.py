@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -354,19 +353,7 @@ class FinetuneResult:
 
 
 def finetune(s: FinetuneSettings, resume: bool = False) -> FinetuneResult:
-    d = distributed.from_environment()
-    device = distributed.choose_device(s.device, d)
-    threads = torch.get_num_threads()
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    elif d.local_world > 1 and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world))
-    distributed.init(d, device)
-    try:
-        return run(s, resume, d, device)
-    finally:
-        distributed.close(d)
-        torch.set_num_threads(threads)
+    return distributed.launched(s.device, s.threads, lambda d, device: run(s, resume, d, device))
 
 
 def base_model(s: FinetuneSettings, device: torch.device) -> Components:
@@ -407,13 +394,15 @@ def run(s: FinetuneSettings, resume: bool, d: Dist, device: torch.device) -> Fin
     extra = [e.text_model.embeddings.extra_names for e in comps.text_encoders]
     key = cache_key(s, comps, size, extra)
 
-    def build() -> None:
-        if cached(files, key) is None:
+    def build() -> Cache:  # the main process: the cache on disk, or made from the data and saved
+        cache = cached(files, key)
+        if cache is None:
             examples = itertools.chain(instance_examples(s), class_examples(s, files))
-            build_cache(examples, comps, size, s.buckets, extra, device, key).save(files.cache)
+            cache = build_cache(examples, comps, size, s.buckets, extra, device, key)
+            cache.save(files.cache)
+        return cache
 
-    distributed.main_first(d, build)
-    cache = cached(files, key)
+    cache = distributed.main_first(d, build) or cached(files, key)  # the other ranks read what main saved
     if cache is None:
         raise SdlabError(f"{files.cache}: the latent cache could not be read back")
 

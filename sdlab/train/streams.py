@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -71,14 +72,19 @@ def open_stream(url: str) -> Iterator[BinaryIO]:
         command = url[len("pipe:"):]
         if not command.strip() or shutil.which(command.split()[0]) is None:
             raise SdlabError(f"{url}: the command {command.split()[0] if command.strip() else '(none)'!r} is not found")
-        proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # noqa: S602
-        try:
-            yield proc.stdout  # type: ignore[misc]
-        finally:
-            proc.stdout.close()  # type: ignore[union-attr]
-            error = proc.stderr.read().decode(errors="replace").strip()  # type: ignore[union-attr]
-            if proc.wait() != 0:
-                raise SdlabError(f"{url}: the command failed (exit {proc.returncode}): {error.splitlines()[-1] if error else ''}")
+        # stderr to a file, not a pipe: a command that writes much of it (progress bars) would otherwise block
+        # on a full pipe nobody reads while we read its stdout
+        with tempfile.TemporaryFile() as errors:
+            proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=errors)  # noqa: S602
+            try:
+                yield proc.stdout  # type: ignore[misc]
+            finally:
+                proc.stdout.close()  # type: ignore[union-attr]
+                if proc.wait() != 0:
+                    errors.seek(0)
+                    error = errors.read().decode(errors="replace").strip()
+                    raise SdlabError(f"{url}: the command failed (exit {proc.returncode}): "
+                                     f"{error.splitlines()[-1] if error else ''}")
     elif url.startswith(("http://", "https://")):
         try:
             response = urllib.request.urlopen(url, timeout=60)  # noqa: S310 — the user's own data URL

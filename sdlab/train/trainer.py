@@ -16,7 +16,6 @@ Launched by `torchrun` / `accelerate launch` it runs data-parallel (DDP, data sh
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -224,19 +223,7 @@ def write_rank_record(files: RunFiles, d: Dist, stage: DiffusionStage, ema_hash:
 # --- the whole run -----------------------------------------------------------------------------------
 def train(s: TrainSettings, resume: bool = False) -> TrainResult:
     """Run (or resume) both stages; returns the final model's path once the last step is done."""
-    d = distributed.from_environment()
-    device = distributed.choose_device(s.device, d)
-    threads = torch.get_num_threads()
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    elif d.local_world > 1 and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world))  # the cores, shared among ranks
-    distributed.init(d, device)
-    try:
-        return run(s, resume, d, device)
-    finally:
-        distributed.close(d)
-        torch.set_num_threads(threads)
+    return distributed.launched(s.device, s.threads, lambda d, device: run(s, resume, d, device))
 
 
 def run(s: TrainSettings, resume: bool, d: Dist, device: torch.device) -> TrainResult:

@@ -123,3 +123,29 @@ def test_sdxl_lora_on_an_sd1_model_is_refused(tmp_path, modules):
     key = f"lora_unet_{Q.replace('.', '_').replace('attn1_to_q', 'attn2_to_k')}"
     with pytest.raises(CheckpointError, match="another model family"):
         _read(tmp_path, modules, {f"{key}.lora_down.weight": torch.zeros(4, 2048), f"{key}.lora_up.weight": torch.zeros(32, 4)})
+
+
+@pytest.mark.parametrize("state, metadata, message", [
+    ({f"lora_unet_{Q.replace('.', '_')}.lora_down.weight": torch.zeros(2, 32),
+      f"lora_unet_{Q.replace('.', '_')}.lora_up.weight": torch.zeros(32, 2),
+      f"lora_unet_{Q.replace('.', '_')}.alpha": torch.ones(3)}, None, "alpha holds 3 values"),
+    ({f"lora_unet_{Q.replace('.', '_')}.lora_down.weight": torch.zeros(2),
+      f"lora_unet_{Q.replace('.', '_')}.lora_up.weight": torch.zeros(32)}, None, "does not follow lora_down"),
+    ({f"unet.{Q}.lora_A.weight": torch.zeros(2, 32), f"unet.{Q}.lora_B.weight": torch.zeros(32, 2)},
+     {"lora_adapter_metadata": "[1, 2]"}, "not a JSON object"),
+    ({f"unet.{Q}.lora_A.weight": torch.zeros(2, 32), f"unet.{Q}.lora_B.weight": torch.zeros(32, 2)},
+     {"lora_adapter_metadata": json.dumps({"unet.r": "two", "unet.lora_alpha": 1})}, "not positive numbers"),
+])
+def test_malformed_structure_is_refused_in_one_line(tmp_path, modules, state, metadata, message):
+    with pytest.raises(CheckpointError, match=message) as e:
+        _read(tmp_path, modules, state, metadata=metadata)
+    assert "\n" not in str(e.value)
+
+
+def test_a_pattern_that_is_not_a_regular_expression_is_a_name(tmp_path, modules):
+    width = modules["unet"].get_submodule(Q_OURS).weight.shape
+    down, up = _lowrank(width[0], width[1], rank=4)
+    meta = {"unet.r": 2, "unet.lora_alpha": 2, "unet.alpha_pattern": {"attn1.to_q(": 8, "attn1.to_q": 6}}
+    net = _read(tmp_path, modules, {f"unet.{Q}.lora_A.weight": down, f"unet.{Q}.lora_B.weight": up},
+                metadata={"lora_adapter_metadata": json.dumps(meta)})
+    assert net.updates["unet"][Q_OURS].scale == 3.0  # the broken pattern matched nothing; 6 / 2

@@ -103,4 +103,4 @@ def test_linear_update_fits_a_one_by_one_convolution():
 def test_update_that_does_not_fit_is_refused():
     linear, _ = _layers()["linear"]
     with pytest.raises(ValueError, match="does not fit|shape"):
-        lora.check(nn.Sequential(linear), {"0": lora.LowRank(1.0, torch.randn(4, 23), torch.randn(40, 4))})
+        lora.LowRank(1.0, torch.randn(4, 23), torch.randn(40, 4)).delta(linear.weight.shape)
